@@ -1,0 +1,92 @@
+// The contract between the router (validation, tensors, saved state) and a
+// backend (kernels). Plans are validated; backends never re-check arguments.
+import type { AuxLossPlan, AuxScoresPlan, TopkPlan } from "./_validate.ts";
+import type { BackendName, FloatTensor, IndexArray, SavedState, Tensor } from "./_types.ts";
+
+/** Flat outputs of a top-k forward; `payload` is what the backward needs. */
+export interface TopkForwardOut {
+  probs: FloatTensor["data"];
+  intermediate: Float32Array;
+  /** uint8 map, or the dense index array (the caller's indicesOut when given). */
+  route: Uint8Array | IndexArray;
+  payload: unknown;
+}
+
+/** Flat outputs of the aux-loss scores forward. */
+export interface AuxScoresForwardOut {
+  scores: Float32Array;
+  intermediate: Float32Array;
+  route: Uint8Array;
+  payload: unknown;
+}
+
+/** A set of kernels that runs the router ops on host arrays. */
+export interface Backend {
+  readonly name: BackendName;
+  topkForward(plan: TopkPlan, logits: FloatTensor): Promise<TopkForwardOut>;
+  topkBackward(plan: TopkPlan, payload: unknown, grad: FloatTensor): Promise<FloatTensor["data"]>;
+  auxScoresForward(plan: AuxScoresPlan, logits: FloatTensor): Promise<AuxScoresForwardOut>;
+  auxScoresBackward(plan: AuxScoresPlan, payload: unknown, grad: Tensor<"float32">): Promise<FloatTensor["data"]>;
+  auxLossForward(plan: AuxLossPlan, probs: FloatTensor): Promise<FloatTensor["data"]>;
+  auxLossBackward(plan: AuxLossPlan, gradLoss: number): Promise<FloatTensor["data"]>;
+  dispose(): void;
+}
+
+/** Which forward a saved state came from. */
+export type SavedOp = "topk" | "auxScores" | "auxLoss";
+
+const OP_NAMES: Record<SavedOp, string> = {
+  topk: "fusedTopkWithScoreFunction",
+  auxScores: "fusedComputeScoreForMoEAuxLoss",
+  auxLoss: "fusedMoEAuxLoss",
+};
+
+/** The saved state of a forward call: plan, backend payload, owner. */
+export class Saved<P> implements SavedState {
+  #payload: unknown;
+  #released = false;
+  #onRelease: ((payload: unknown) => void) | undefined;
+
+  constructor(
+    readonly backend: Backend["name"],
+    readonly op: SavedOp,
+    readonly plan: P,
+    payload: unknown,
+    onRelease?: (payload: unknown) => void,
+  ) {
+    this.#payload = payload;
+    this.#onRelease = onRelease;
+  }
+
+  get released(): boolean {
+    return this.#released;
+  }
+
+  release(): void {
+    if (this.#released) return;
+    this.#released = true;
+    const p = this.#payload;
+    this.#payload = undefined;
+    this.#onRelease?.(p);
+  }
+
+  /** The payload, after checking the state fits the backward asking for it. */
+  static take<P>(saved: unknown, op: SavedOp, backend: Backend["name"]): { plan: P; payload: unknown } {
+    if (!(saved instanceof Saved)) {
+      throw new TypeError(`saved must be the saved state returned by ${OP_NAMES[op]}, got ${describeSaved(saved)}`);
+    }
+    if (saved.op !== op) {
+      throw new TypeError(`saved must come from ${OP_NAMES[op]}, got a state from ${OP_NAMES[saved.op as SavedOp]}`);
+    }
+    if (saved.backend !== backend) {
+      throw new TypeError(`saved comes from the ${saved.backend} backend, this router runs ${backend}`);
+    }
+    if (saved.#released) throw new TypeError(`saved was released and cannot be used for backward`);
+    return { plan: saved.plan as P, payload: saved.#payload };
+  }
+}
+
+function describeSaved(v: unknown): string {
+  if (v === null || v === undefined) return String(v);
+  return typeof v === "object" ? (v.constructor?.name ?? "object") : typeof v;
+}

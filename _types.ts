@@ -1,0 +1,151 @@
+/**
+ * Public types of moe-router: tensors, options and results.
+ *
+ * @module
+ */
+
+/** Floating dtypes accepted for logits, probs and gradients. */
+export type FloatDType = "float32" | "float16" | "bfloat16";
+/** Integer dtypes of the dense top-k index output. */
+export type IndexDType = "int16" | "int32" | "int64";
+/** Every dtype a tensor of this module can carry. */
+export type DType = FloatDType | IndexDType | "uint8";
+
+/** The typed array that holds each dtype (bfloat16 keeps the upper 16 bits of a float32). */
+export interface DataOf {
+  float32: Float32Array;
+  float16: Float16Array;
+  bfloat16: Uint16Array;
+  int16: Int16Array;
+  int32: Int32Array;
+  int64: BigInt64Array;
+  uint8: Uint8Array;
+}
+
+/** Any typed array a tensor may hold. */
+export type TensorData = DataOf[DType];
+/** A typed array of dense expert indices. */
+export type IndexArray = Int16Array | Int32Array | BigInt64Array;
+
+/**
+ * A host tensor: a flat typed array in row-major order, its full shape and
+ * its dtype. Object literals are accepted wherever a tensor is expected.
+ */
+export interface Tensor<D extends DType = DType> {
+  data: DataOf[D];
+  shape: readonly number[];
+  dtype: D;
+}
+
+/** A floating tensor (logits, probs, gradients). */
+export type FloatTensor = Tensor<FloatDType>;
+
+/** How the score of each expert is computed from its logit. */
+export type ScoreFunction = "softmax" | "sigmoid" | "sqrtsoftplus";
+/** Layout of the routing map: one byte per expert, or one bit (LSB first). */
+export type RoutingMapFormat = "bytemap" | "bitmap_u8";
+/** Which backend runs the kernels. */
+export type BackendName = "wasm" | "webgpu";
+/** A backend request: a name, or `"auto"` to let the module pick. */
+export type BackendChoice = BackendName | "auto";
+
+/** Options of {@linkcode fusedTopkWithScoreFunction}. */
+export interface TopkOptions {
+  /** Number of experts chosen per token, in [1, E]. */
+  topk: number;
+  /** Score function applied to the logits. */
+  scoreFunction: ScoreFunction;
+  /** softmax only: softmax over all experts before selection (default false: after, over the K chosen). */
+  usePreSoftmax?: boolean;
+  /** Number of contiguous expert groups for the group limit. */
+  numGroups?: number;
+  /** Number of groups kept per token (group limit on when > 0). */
+  groupTopk?: number;
+  /** Factor applied to the chosen values (default 1). */
+  scalingFactor?: number;
+  /** Per-expert bias added for selection only, shape [E] (sigmoid and sqrtsoftplus only). */
+  expertBias?: FloatTensor;
+  /** Routing map layout when no dense index output is asked for (default "bytemap"). */
+  routingMapFormat?: RoutingMapFormat;
+  /** Ask for dense indices [..., K] of this dtype instead of a routing map. */
+  indexDtype?: IndexDType;
+  /** Caller-owned buffer for the dense indices (length T*K); written in place and returned. Implies dense output. */
+  indicesOut?: IndexArray;
+  /** Selection switches from naive to radix top-k when topk >= this (default 16, or MOE_ROUTER_RADIX_TOPK_THRESHOLD). */
+  radixTopkThreshold?: number;
+}
+
+/** Options of {@linkcode fusedComputeScoreForMoEAuxLoss}. */
+export interface AuxScoresOptions {
+  /** Number of experts marked in the routing map per token, in [1, E]. */
+  topk: number;
+  /** Score function applied to the logits. */
+  scoreFunction: ScoreFunction;
+  /** Routing map layout (default "bytemap"). */
+  routingMapFormat?: RoutingMapFormat;
+  /** Selection switches from naive to radix top-k when topk >= this. */
+  radixTopkThreshold?: number;
+}
+
+/** Options of {@linkcode fusedMoEAuxLoss}. */
+export interface AuxLossOptions {
+  /** Number of tokens the loss is normalised by. */
+  totalNumTokens: number;
+  /** Number of experts. */
+  numExperts: number;
+  /** Experts per token. */
+  topk: number;
+  /** Loss coefficient. */
+  coeff: number;
+}
+
+/**
+ * State saved by a forward call for its backward call. Opaque: pass it back
+ * to the backward of the same router; `release()` frees it early (a released
+ * state is refused by backward).
+ */
+export interface SavedState {
+  /** The backend that produced the state. */
+  readonly backend: BackendName;
+  /** True once released. */
+  readonly released: boolean;
+  /** Frees what the state holds; idempotent. */
+  release(): void;
+}
+
+/** Result of {@linkcode fusedTopkWithScoreFunction}. */
+export interface TopkResult {
+  /** [..., E], logits dtype: scaled values at the chosen experts, 0 elsewhere. */
+  probs: FloatTensor;
+  /** Routing map ([..., E] bytemap or [..., ceil(E/8)] bitmap_u8), when no dense output was asked for. */
+  routingMap?: Tensor<"uint8">;
+  /** Dense indices [..., K] (descending selection score, ties by lower index), when asked for. */
+  indices?: Tensor<IndexDType>;
+  /** [..., E] float32, saved for backward (see SPEC section 2.7). */
+  intermediate: Tensor<"float32">;
+  /** State for {@linkcode fusedTopkWithScoreFunctionBackward}. */
+  saved: SavedState;
+}
+
+/** Result of {@linkcode fusedComputeScoreForMoEAuxLoss}. */
+export interface AuxScoresResult {
+  /** [..., E] float32 normalised scores. */
+  scores: Tensor<"float32">;
+  /** Top-K routing map of the scores. */
+  routingMap: Tensor<"uint8">;
+  /** [..., E] float32, saved for backward. */
+  intermediate: Tensor<"float32">;
+  /** State for {@linkcode fusedComputeScoreForMoEAuxLossBackward}. */
+  saved: SavedState;
+}
+
+/** Result of {@linkcode fusedMoEAuxLoss}. */
+export interface AuxLossResult {
+  /** The loss, a 0-d tensor (shape []) in the probs dtype. */
+  loss: FloatTensor;
+  /** State for {@linkcode fusedMoEAuxLossBackward}. */
+  saved: SavedState;
+}
+
+/** Dtypes accepted for the tokens-per-expert counts of the aux loss. */
+export type TokensPerExpertDType = "int32" | "int64" | "float32" | "bfloat16";

@@ -1,0 +1,368 @@
+// Validation of every public argument, done once at the entry point before
+// any kernel runs. Each check throws a TypeError (wrong kind or shape) or a
+// RangeError (value out of range) naming the argument, the rule and the value.
+import type {
+  AuxLossOptions,
+  AuxScoresOptions,
+  FloatDType,
+  FloatTensor,
+  IndexArray,
+  IndexDType,
+  RoutingMapFormat,
+  ScoreFunction,
+  Tensor,
+  TokensPerExpertDType,
+  TopkOptions,
+} from "./_types.ts";
+import { ARRAY_OF, checkShape, describe } from "./tensor.ts";
+
+/** Routing output of a forward call: a map layout or a dense index dtype. */
+export type RouteFormat = RoutingMapFormat | IndexDType;
+
+/** Everything a backend needs for a top-k forward or backward call. */
+export interface TopkPlan {
+  readonly shape: readonly number[];
+  readonly T: number;
+  readonly E: number;
+  readonly K: number;
+  readonly dtype: FloatDType;
+  readonly score: ScoreFunction;
+  readonly pre: boolean;
+  readonly numGroups: number;
+  /** 0: no group limit. */
+  readonly groupTopk: number;
+  readonly scale: number;
+  readonly bias: Float32Array | null;
+  readonly route: RouteFormat;
+  readonly indicesOut: IndexArray | null;
+  readonly radixThreshold: number;
+}
+
+/** Everything a backend needs for the aux-loss scores. */
+export interface AuxScoresPlan {
+  readonly shape: readonly number[];
+  readonly T: number;
+  readonly E: number;
+  readonly K: number;
+  readonly dtype: FloatDType;
+  readonly score: ScoreFunction;
+  readonly route: RoutingMapFormat;
+  readonly radixThreshold: number;
+}
+
+/** Everything a backend needs for the aux loss. */
+export interface AuxLossPlan {
+  readonly shape: readonly number[];
+  readonly rows: number;
+  readonly cols: number;
+  readonly dtype: FloatDType;
+  /** tokensPerExpert widened to float32. */
+  readonly tpe: Float32Array;
+  /** numExperts * coeff / (topk * totalNumTokens^2). */
+  readonly constant: number;
+}
+
+const FLOAT_DTYPES: readonly FloatDType[] = ["float32", "float16", "bfloat16"];
+const SCORE_FUNCTIONS: readonly ScoreFunction[] = ["softmax", "sigmoid", "sqrtsoftplus"];
+const MAP_FORMATS: readonly RoutingMapFormat[] = ["bytemap", "bitmap_u8"];
+const INDEX_DTYPES: readonly IndexDType[] = ["int16", "int32", "int64"];
+const TPE_DTYPES: readonly TokensPerExpertDType[] = ["int32", "int64", "float32", "bfloat16"];
+
+/** Default radix threshold: radix top-k when topk >= this. */
+export const DEFAULT_RADIX_THRESHOLD = 16;
+const THRESHOLD_ENV = "MOE_ROUTER_RADIX_TOPK_THRESHOLD";
+
+let envThreshold: number | null | undefined;
+
+// The environment is read once, and only where reading it needs no prompt.
+function thresholdFromEnv(): number | null {
+  if (envThreshold !== undefined) return envThreshold;
+  envThreshold = null;
+  let raw: string | undefined;
+  try {
+    const deno = (globalThis as { Deno?: typeof Deno }).Deno;
+    if (deno !== undefined) {
+      if (deno.permissions.querySync?.({ name: "env", variable: THRESHOLD_ENV }).state === "granted") {
+        raw = deno.env.get(THRESHOLD_ENV);
+      }
+    } else {
+      raw = (globalThis as { process?: { env?: Record<string, string | undefined> } }).process?.env?.[THRESHOLD_ENV];
+    }
+  } catch {
+    raw = undefined;
+  }
+  if (raw !== undefined && raw !== "") {
+    const v = Number(raw);
+    if (!Number.isInteger(v) || v < 1) {
+      throw new RangeError(`${THRESHOLD_ENV} must be an integer >= 1, got ${JSON.stringify(raw)}`);
+    }
+    envThreshold = v;
+  }
+  return envThreshold;
+}
+
+function radixThreshold(value: unknown): number {
+  if (value === undefined) return thresholdFromEnv() ?? DEFAULT_RADIX_THRESHOLD;
+  if (typeof value !== "number" || !(value >= 1) || (!Number.isInteger(value) && value !== Infinity)) {
+    throw new RangeError(`radixTopkThreshold must be an integer >= 1 (or Infinity), got ${describe(value)}`);
+  }
+  return Math.min(value, 0x7fffffff);
+}
+
+function checkObject(name: string, value: unknown): asserts value is Record<string, unknown> {
+  if (typeof value !== "object" || value === null || Array.isArray(value)) {
+    throw new TypeError(`${name} must be an object, got ${describe(value)}`);
+  }
+}
+
+/** Checks a floating tensor: dtype float32 / float16 / bfloat16 with the matching array, shape, rank >= 1. */
+export function checkFloatTensor(name: string, t: unknown, rank1 = true): asserts t is FloatTensor {
+  checkObject(name, t);
+  const dtype = t.dtype;
+  if (!FLOAT_DTYPES.includes(dtype as FloatDType)) {
+    throw new TypeError(`${name}.dtype must be one of float32, float16, bfloat16, got ${describe(dtype)}`);
+  }
+  const ctor = ARRAY_OF[dtype as FloatDType];
+  if (ctor === undefined) {
+    throw new TypeError(`${name}.dtype float16 needs Float16Array, which this runtime lacks; use float32 or bfloat16`);
+  }
+  if (!(t.data instanceof ctor)) {
+    throw new TypeError(`${name}.data must be a ${ctor.name} for dtype ${dtype}, got ${describe(t.data)}`);
+  }
+  checkShape(name, t as unknown as FloatTensor);
+  if (rank1 && (t.shape as number[]).length < 1) {
+    throw new TypeError(`${name} must have at least one dimension (the expert axis), got shape []`);
+  }
+}
+
+function positiveInt(name: string, v: unknown): number {
+  if (typeof v !== "number" || !Number.isInteger(v) || v < 1) {
+    throw new RangeError(`${name} must be a positive integer, got ${describe(v)}`);
+  }
+  return v;
+}
+
+function tokensAndExperts(name: string, t: FloatTensor): { T: number; E: number } {
+  const E = t.shape[t.shape.length - 1] ?? 0;
+  if (E <= 0) throw new RangeError(`${name} must have at least one expert (last dimension > 0), got shape [${t.shape.join(", ")}]`);
+  return { T: t.data.length / E, E };
+}
+
+function topkIn(K: unknown, E: number): number {
+  if (typeof K !== "number" || !Number.isInteger(K) || K < 1 || K > E) {
+    throw new RangeError(`topk must be an integer in [1, numExperts=${E}], got ${describe(K)}`);
+  }
+  return K;
+}
+
+function scoreFunction(v: unknown): ScoreFunction {
+  if (!SCORE_FUNCTIONS.includes(v as ScoreFunction)) {
+    throw new TypeError(`scoreFunction must be one of ${SCORE_FUNCTIONS.join(", ")}, got ${describe(v)}`);
+  }
+  return v as ScoreFunction;
+}
+
+function mapFormat(v: unknown): RoutingMapFormat {
+  if (v === undefined) return "bytemap";
+  if (!MAP_FORMATS.includes(v as RoutingMapFormat)) {
+    throw new TypeError(`routingMapFormat must be one of ${MAP_FORMATS.join(", ")}, got ${describe(v)}`);
+  }
+  return v as RoutingMapFormat;
+}
+
+const INDEX_ARRAY_DTYPE = new Map<unknown, IndexDType>([
+  [Int16Array, "int16"],
+  [Int32Array, "int32"],
+  [BigInt64Array, "int64"],
+]);
+
+function overlaps(a: ArrayBufferView, b: ArrayBufferView): boolean {
+  return a.buffer === b.buffer && a.byteOffset < b.byteOffset + b.byteLength &&
+    b.byteOffset < a.byteOffset + a.byteLength;
+}
+
+/** Validates the arguments of the top-k forward and resolves defaults. */
+export function planTopk(logits: unknown, options: unknown): TopkPlan {
+  checkFloatTensor("logits", logits);
+  checkObject("options", options);
+  const o = options as Partial<TopkOptions>;
+  const { T, E } = tokensAndExperts("logits", logits);
+  const K = topkIn(o.topk, E);
+  const score = scoreFunction(o.scoreFunction);
+
+  const pre = o.usePreSoftmax ?? false;
+  if (typeof pre !== "boolean") throw new TypeError(`usePreSoftmax must be a boolean, got ${describe(pre)}`);
+  if (pre && score !== "softmax") {
+    throw new TypeError(`usePreSoftmax applies to scoreFunction "softmax" only, got scoreFunction ${JSON.stringify(score)}`);
+  }
+
+  // group limit: on when groupTopk is given and > 0 (numGroups alone is ignored, as in TransformerEngine)
+  let numGroups = 0;
+  let groupTopk = 0;
+  if (o.groupTopk !== undefined && o.groupTopk !== 0) {
+    groupTopk = positiveInt("groupTopk", o.groupTopk);
+    if (o.numGroups === undefined) throw new RangeError(`numGroups must be given with groupTopk=${groupTopk}, got undefined`);
+    numGroups = positiveInt("numGroups", o.numGroups);
+    if (groupTopk > numGroups) throw new RangeError(`groupTopk must be <= numGroups=${numGroups}, got ${groupTopk}`);
+    if (E % numGroups !== 0) throw new RangeError(`numGroups must divide numExperts=${E}, got ${numGroups}`);
+    if (K % groupTopk !== 0) throw new RangeError(`groupTopk must divide topk=${K}, got ${groupTopk}`);
+    if (K / groupTopk > E / numGroups) {
+      throw new RangeError(
+        `topk / groupTopk must be <= experts per group (${E}/${numGroups}=${E / numGroups}), got ${K}/${groupTopk}=${K / groupTopk}`,
+      );
+    }
+  } else if (o.numGroups !== undefined) {
+    positiveInt("numGroups", o.numGroups);
+  }
+
+  const scale = o.scalingFactor ?? 1;
+  if (typeof scale !== "number" || !Number.isFinite(scale)) {
+    throw new RangeError(`scalingFactor must be a finite number, got ${describe(scale)}`);
+  }
+
+  let bias: Float32Array | null = null;
+  if (o.expertBias !== undefined) {
+    if (score === "softmax") {
+      throw new TypeError(`expertBias is supported with scoreFunction sigmoid or sqrtsoftplus only, got scoreFunction "softmax"`);
+    }
+    checkFloatTensor("expertBias", o.expertBias);
+    if (o.expertBias.shape.length !== 1 || o.expertBias.shape[0] !== E) {
+      throw new TypeError(`expertBias.shape must be [${E}], got [${o.expertBias.shape.join(", ")}]`);
+    }
+    bias = toFloat32(o.expertBias);
+  }
+
+  let route: RouteFormat = mapFormat(o.routingMapFormat);
+  let indicesOut: IndexArray | null = null;
+  if (o.indexDtype !== undefined) {
+    if (!INDEX_DTYPES.includes(o.indexDtype)) {
+      throw new TypeError(`indexDtype must be one of ${INDEX_DTYPES.join(", ")}, got ${describe(o.indexDtype)}`);
+    }
+    route = o.indexDtype;
+  }
+  if (o.indicesOut !== undefined) {
+    const dt = INDEX_ARRAY_DTYPE.get((o.indicesOut as object | null)?.constructor);
+    if (dt === undefined) {
+      throw new TypeError(`indicesOut must be an Int16Array, Int32Array or BigInt64Array, got ${describe(o.indicesOut)}`);
+    }
+    if (o.indexDtype !== undefined && dt !== o.indexDtype) {
+      throw new TypeError(`indicesOut must be the ${o.indexDtype} array indexDtype asks for, got ${describe(o.indicesOut)}`);
+    }
+    if (o.indicesOut.length !== T * K) {
+      throw new TypeError(`indicesOut must have tokens*topk = ${T}*${K} = ${T * K} elements, got ${o.indicesOut.length}`);
+    }
+    if (overlaps(o.indicesOut, logits.data)) {
+      throw new TypeError(`indicesOut must not share memory with logits.data`);
+    }
+    route = dt;
+    indicesOut = o.indicesOut;
+  }
+  if (route === "int16" && E > 32767) {
+    throw new RangeError(`indexDtype int16 holds expert ids up to 32767, got numExperts=${E}; use int32`);
+  }
+  if (o.routingMapFormat !== undefined && (route === "int16" || route === "int32" || route === "int64")) {
+    throw new TypeError(`routingMapFormat and dense indices (indexDtype / indicesOut) exclude each other, got both`);
+  }
+
+  return {
+    shape: [...logits.shape],
+    T,
+    E,
+    K,
+    dtype: logits.dtype,
+    score,
+    pre,
+    numGroups,
+    groupTopk,
+    scale,
+    bias,
+    route,
+    indicesOut,
+    radixThreshold: radixThreshold(o.radixTopkThreshold),
+  };
+}
+
+/** Validates the arguments of the aux-loss scores. */
+export function planAuxScores(logits: unknown, options: unknown): AuxScoresPlan {
+  checkFloatTensor("logits", logits);
+  checkObject("options", options);
+  const o = options as Partial<AuxScoresOptions>;
+  const { T, E } = tokensAndExperts("logits", logits);
+  return {
+    shape: [...logits.shape],
+    T,
+    E,
+    K: topkIn(o.topk, E),
+    dtype: logits.dtype,
+    score: scoreFunction(o.scoreFunction),
+    route: mapFormat(o.routingMapFormat),
+    radixThreshold: radixThreshold(o.radixTopkThreshold),
+  };
+}
+
+/** Validates the arguments of the aux loss and widens tokensPerExpert. */
+export function planAuxLoss(probs: unknown, tokensPerExpert: unknown, options: unknown): AuxLossPlan {
+  checkFloatTensor("probs", probs);
+  checkObject("options", options);
+  const o = options as Partial<AuxLossOptions>;
+  if (probs.shape.length !== 2) {
+    throw new TypeError(`probs must be 2-D [tokens, cols], got shape [${probs.shape.join(", ")}]`);
+  }
+  const rows = probs.shape[0] as number;
+  const cols = probs.shape[1] as number;
+  if (cols <= 0) throw new RangeError(`probs must have at least one column, got shape [${probs.shape.join(", ")}]`);
+  checkObject("tokensPerExpert", tokensPerExpert);
+  const tpe = tokensPerExpert as unknown as Tensor;
+  if (!TPE_DTYPES.includes(tpe.dtype as TokensPerExpertDType)) {
+    throw new TypeError(`tokensPerExpert.dtype must be one of ${TPE_DTYPES.join(", ")}, got ${describe(tpe.dtype)}`);
+  }
+  const ctor = ARRAY_OF[tpe.dtype];
+  if (ctor === undefined || !(tpe.data instanceof ctor)) {
+    throw new TypeError(`tokensPerExpert.data must be a ${ctor?.name} for dtype ${tpe.dtype}, got ${describe(tpe.data)}`);
+  }
+  checkShape("tokensPerExpert", tpe);
+  if (tpe.shape.length !== 1 || tpe.shape[0] !== cols) {
+    throw new TypeError(`tokensPerExpert.shape must be [${cols}] (the columns of probs), got [${tpe.shape.join(", ")}]`);
+  }
+  const numExperts = positiveInt("numExperts", o.numExperts);
+  if (cols % numExperts !== 0) {
+    throw new RangeError(`numExperts must divide the columns of probs (${cols}), got ${numExperts}`);
+  }
+  const topk = positiveInt("topk", o.topk);
+  const totalNumTokens = positiveInt("totalNumTokens", o.totalNumTokens);
+  const coeff = o.coeff;
+  if (typeof coeff !== "number" || !Number.isFinite(coeff)) {
+    throw new RangeError(`coeff must be a finite number, got ${describe(coeff)}`);
+  }
+  return {
+    shape: [...probs.shape],
+    rows,
+    cols,
+    dtype: probs.dtype,
+    tpe: toFloat32(tpe as Tensor<TokensPerExpertDType>),
+    constant: (numExperts * coeff) / (topk * totalNumTokens * totalNumTokens),
+  };
+}
+
+/** Checks a gradient tensor against the forward's shape and dtype. */
+export function checkGrad(name: string, grad: unknown, shape: readonly number[], dtype: FloatDType): asserts grad is FloatTensor {
+  checkFloatTensor(name, grad, shape.length > 0);
+  if (grad.dtype !== dtype) throw new TypeError(`${name}.dtype must be ${dtype} (the forward's dtype), got ${grad.dtype}`);
+  if (grad.shape.length !== shape.length || grad.shape.some((d, i) => d !== shape[i])) {
+    throw new TypeError(`${name}.shape must be [${shape.join(", ")}] (the forward's shape), got [${grad.shape.join(", ")}]`);
+  }
+}
+
+/** Widens a float or integer tensor to a fresh Float32Array (bfloat16 by bits, int64 through Number). */
+export function toFloat32(t: Tensor<FloatDType | TokensPerExpertDType>): Float32Array {
+  const d = t.data;
+  if (t.dtype === "bfloat16") {
+    const out = new Float32Array(d.length);
+    new Uint32Array(out.buffer).set(d as Uint16Array);
+    const bits = new Uint32Array(out.buffer);
+    for (let i = 0; i < bits.length; i++) bits[i] = (bits[i] as number) << 16;
+    return out;
+  }
+  if (t.dtype === "int64") return Float32Array.from(d as BigInt64Array, (v) => Number(v));
+  return Float32Array.from(d as Float32Array);
+}

@@ -1,0 +1,210 @@
+/**
+ * The router: validated entry points bound to one backend.
+ *
+ * @module
+ */
+import { type Backend, Saved } from "./_backend.ts";
+import type {
+  AuxLossOptions,
+  AuxLossResult,
+  AuxScoresOptions,
+  AuxScoresResult,
+  BackendChoice,
+  BackendName,
+  FloatTensor,
+  IndexDType,
+  Tensor,
+  TopkOptions,
+  TopkResult,
+} from "./_types.ts";
+import {
+  type AuxLossPlan,
+  type AuxScoresPlan,
+  checkGrad,
+  planAuxLoss,
+  planAuxScores,
+  planTopk,
+  type TopkPlan,
+} from "./_validate.ts";
+import { describe } from "./tensor.ts";
+import { WasmBackend } from "./wasm/backend.ts";
+
+/** Options of {@linkcode createRouter}. */
+export interface RouterOptions {
+  /** Backend to run on (default "auto"). */
+  backend?: BackendChoice;
+  /** WebAssembly: bytes of token data per kernel call; bigger batches run in chunks of tokens (default 64 MiB). */
+  chunkBytes?: number;
+}
+
+/** The router operations bound to one backend. Every operation returns a Promise. */
+export interface Router {
+  /** The backend the operations run on. */
+  readonly backend: BackendName;
+  /** Why this backend was chosen (relevant for "auto"). */
+  readonly reason: string;
+  /** See {@linkcode fusedTopkWithScoreFunction}. */
+  fusedTopkWithScoreFunction(logits: FloatTensor, options: TopkOptions): Promise<TopkResult>;
+  /** See {@linkcode fusedTopkWithScoreFunctionBackward}. */
+  fusedTopkWithScoreFunctionBackward(saved: TopkResult["saved"], gradProbs: FloatTensor): Promise<FloatTensor>;
+  /** See {@linkcode fusedComputeScoreForMoEAuxLoss}. */
+  fusedComputeScoreForMoEAuxLoss(logits: FloatTensor, options: AuxScoresOptions): Promise<AuxScoresResult>;
+  /** See {@linkcode fusedComputeScoreForMoEAuxLossBackward}. */
+  fusedComputeScoreForMoEAuxLossBackward(
+    saved: AuxScoresResult["saved"],
+    gradScores: Tensor<"float32">,
+  ): Promise<FloatTensor>;
+  /** See {@linkcode fusedMoEAuxLoss}. */
+  fusedMoEAuxLoss(probs: FloatTensor, tokensPerExpert: Tensor, options: AuxLossOptions): Promise<AuxLossResult>;
+  /** See {@linkcode fusedMoEAuxLossBackward}. */
+  fusedMoEAuxLossBackward(saved: AuxLossResult["saved"], gradLoss: number | FloatTensor): Promise<FloatTensor>;
+  /** Frees what the router holds; later calls throw. */
+  dispose(): void;
+}
+
+const BACKENDS: readonly BackendChoice[] = ["auto", "wasm", "webgpu"];
+
+/**
+ * Creates a router bound to one backend. `"wasm"` runs the WebAssembly SIMD
+ * kernels on the CPU; `"auto"` picks the best backend available (today:
+ * WebAssembly); `"webgpu"` is not available yet and throws.
+ *
+ * @param options `{ backend }`, default `"auto"`
+ * @returns the six router operations bound to the backend, and `dispose()`
+ * @throws {TypeError} for an unknown backend; {Error} where it is unavailable
+ *
+ * @example Route two tokens on the WebAssembly backend
+ * ```ts
+ * import { createRouter } from "./mod.ts";
+ * import assert from "node:assert";
+ *
+ * const router = await createRouter({ backend: "wasm" });
+ * const logits = { data: new Float32Array([0, 3, 1, 2, 5, 4, 0, 1]), shape: [2, 4], dtype: "float32" as const };
+ * const { indices } = await router.fusedTopkWithScoreFunction(logits, {
+ *   topk: 2, scoreFunction: "sigmoid", indexDtype: "int32",
+ * });
+ * assert.deepStrictEqual([...indices!.data], [1, 3, 0, 1]);
+ * router.dispose();
+ * ```
+ */
+export async function createRouter(options: RouterOptions = {}): Promise<Router> {
+  const choice = options.backend ?? "auto";
+  if (!BACKENDS.includes(choice)) {
+    throw new TypeError(`backend must be one of ${BACKENDS.join(", ")}, got ${describe(choice)}`);
+  }
+  if (choice === "webgpu") {
+    throw new Error(`backend "webgpu" is not available in this version of moe-router; use "wasm" or "auto"`);
+  }
+  const wasmOptions = options.chunkBytes === undefined ? {} : { chunkBytes: checkChunkBytes(options.chunkBytes) };
+  const reason = choice === "wasm" ? "asked for wasm" : "auto: WebAssembly (no WebGPU backend in this version)";
+  return new BoundRouter(await WasmBackend.create(wasmOptions), reason);
+}
+
+function checkChunkBytes(v: unknown): number {
+  if (typeof v !== "number" || !Number.isInteger(v) || v < 1) {
+    throw new RangeError(`chunkBytes must be a positive integer, got ${describe(v)}`);
+  }
+  return v;
+}
+
+class BoundRouter implements Router {
+  #backend: Backend | null;
+  readonly backend: BackendName;
+  readonly reason: string;
+
+  constructor(backend: Backend, reason: string) {
+    this.#backend = backend;
+    this.backend = backend.name;
+    this.reason = reason;
+  }
+
+  #use(): Backend {
+    if (this.#backend === null) throw new Error(`this router was disposed; create a new one with createRouter()`);
+    return this.#backend;
+  }
+
+  dispose(): void {
+    this.#backend?.dispose();
+    this.#backend = null;
+  }
+
+  async fusedTopkWithScoreFunction(logits: FloatTensor, options: TopkOptions): Promise<TopkResult> {
+    const plan = planTopk(logits, options);
+    const b = this.#use();
+    const out = await b.topkForward(plan, logits);
+    const lead = plan.shape.slice(0, -1);
+    const result: TopkResult = {
+      probs: { data: out.probs, shape: [...plan.shape], dtype: plan.dtype },
+      intermediate: { data: out.intermediate, shape: [...plan.shape], dtype: "float32" },
+      saved: new Saved<TopkPlan>(b.name, "topk", plan, out.payload),
+    };
+    if (plan.route === "bytemap" || plan.route === "bitmap_u8") {
+      const last = plan.route === "bytemap" ? plan.E : Math.ceil(plan.E / 8);
+      result.routingMap = { data: out.route as Uint8Array, shape: [...lead, last], dtype: "uint8" };
+    } else {
+      result.indices = { data: out.route, shape: [...lead, plan.K], dtype: plan.route } as Tensor<IndexDType>;
+    }
+    return result;
+  }
+
+  async fusedTopkWithScoreFunctionBackward(saved: TopkResult["saved"], gradProbs: FloatTensor): Promise<FloatTensor> {
+    const b = this.#use();
+    const { plan, payload } = Saved.take<TopkPlan>(saved, "topk", b.name);
+    checkGrad("gradProbs", gradProbs, plan.shape, plan.dtype);
+    const data = await b.topkBackward(plan, payload, gradProbs);
+    return { data, shape: [...plan.shape], dtype: plan.dtype };
+  }
+
+  async fusedComputeScoreForMoEAuxLoss(logits: FloatTensor, options: AuxScoresOptions): Promise<AuxScoresResult> {
+    const plan = planAuxScores(logits, options);
+    const b = this.#use();
+    const out = await b.auxScoresForward(plan, logits);
+    const last = plan.route === "bytemap" ? plan.E : Math.ceil(plan.E / 8);
+    return {
+      scores: { data: out.scores, shape: [...plan.shape], dtype: "float32" },
+      routingMap: { data: out.route, shape: [...plan.shape.slice(0, -1), last], dtype: "uint8" },
+      intermediate: { data: out.intermediate, shape: [...plan.shape], dtype: "float32" },
+      saved: new Saved<AuxScoresPlan>(b.name, "auxScores", plan, out.payload),
+    };
+  }
+
+  async fusedComputeScoreForMoEAuxLossBackward(
+    saved: AuxScoresResult["saved"],
+    gradScores: Tensor<"float32">,
+  ): Promise<FloatTensor> {
+    const b = this.#use();
+    const { plan, payload } = Saved.take<AuxScoresPlan>(saved, "auxScores", b.name);
+    checkGrad("gradScores", gradScores, plan.shape, "float32");
+    const data = await b.auxScoresBackward(plan, payload, gradScores as Tensor<"float32">);
+    return { data, shape: [...plan.shape], dtype: plan.dtype };
+  }
+
+  async fusedMoEAuxLoss(probs: FloatTensor, tokensPerExpert: Tensor, options: AuxLossOptions): Promise<AuxLossResult> {
+    const plan = planAuxLoss(probs, tokensPerExpert, options);
+    const b = this.#use();
+    const data = await b.auxLossForward(plan, probs);
+    return {
+      loss: { data, shape: [], dtype: plan.dtype },
+      saved: new Saved<AuxLossPlan>(b.name, "auxLoss", plan, null),
+    };
+  }
+
+  async fusedMoEAuxLossBackward(saved: AuxLossResult["saved"], gradLoss: number | FloatTensor): Promise<FloatTensor> {
+    const b = this.#use();
+    const { plan } = Saved.take<AuxLossPlan>(saved, "auxLoss", b.name);
+    const g = scalarOf(gradLoss);
+    const data = await b.auxLossBackward(plan, g);
+    return { data, shape: [...plan.shape], dtype: plan.dtype };
+  }
+}
+
+// gradLoss: a number, or a one-element float tensor (shape [] or [1])
+function scalarOf(v: number | FloatTensor): number {
+  if (typeof v === "number") return v;
+  if (typeof v === "object" && v !== null && ArrayBuffer.isView(v.data) && v.data.length === 1) {
+    const d = v.data;
+    if (d instanceof Uint16Array) return new Float32Array(new Uint32Array([(d[0] as number) << 16]).buffer)[0] as number;
+    return Number(d[0]);
+  }
+  throw new TypeError(`gradLoss must be a number or a one-element float tensor, got ${describe(v)}`);
+}

@@ -1,0 +1,820 @@
+// moe-router CPU kernels (AssemblyScript, compiled to WebAssembly with SIMD).
+//
+// The host (wasm/backend.ts) owns the layout of linear memory; every kernel
+// takes pointers into it. One call processes a chunk of tokens:
+//
+//   __heap_base
+//   +----------+--------+-----------+-----------+---------------+-----------+
+//   | scratch  | bias   | input     | output 0  | output 1      | output 2  |
+//   | (per row)| [E4]   | [T, E]    | [T, E]    | [T, E] f32    | route ... |
+//   +----------+--------+-----------+-----------+---------------+-----------+
+//
+// scratch holds one token's working rows, each E4 = E rounded up to 4 lanes,
+// so that SIMD loops run over whole vectors; pad lanes are given neutral
+// values (logits -inf, keys 0, masks 0) where a loop could read them.
+// Every region starts 16-byte aligned and ends with 16 bytes of slack, so a
+// vector store at the last element of a row never leaves the region.
+
+// ---- codes shared with the host (wasm/backend.ts) --------------------------
+const SCORE_SOFTMAX: i32 = 0;
+const SCORE_SIGMOID: i32 = 1;
+const SCORE_SQRTSOFTPLUS: i32 = 2;
+
+const DT_F32: i32 = 0;
+const DT_F16: i32 = 1;
+const DT_BF16: i32 = 2;
+
+const ROUTE_BYTEMAP: i32 = 0;
+const ROUTE_BITMAP: i32 = 1;
+const ROUTE_I16: i32 = 2;
+const ROUTE_I32: i32 = 3;
+const ROUTE_I64: i32 = 4;
+
+// ---- numerical constants ----------------------------------------------------
+const EPS: f32 = 1e-20; // keeps normalisation denominators away from 0
+const SOFTPLUS_LINEAR: f32 = 20.0; // softplus(x) == x in float32 above this
+const RADIX_BITS: i32 = 8;
+const RADIX_BINS: i32 = 1 << RADIX_BITS;
+
+// Keys: the order-preserving u32 image of a float32 selection score.
+// Numbers map to keys >= 0x007FFFFF (-inf); NaN maps to KEY_NAN so that it
+// ranks below every number; KEY_OUT marks experts that may not be chosen
+// (already taken, or outside the kept groups). Larger key = chosen first.
+const KEY_OUT: u32 = 0;
+const KEY_NAN: u32 = 1;
+
+@inline function roundUp4(n: i32): i32 {
+  return (n + 3) & ~3;
+}
+
+// ---- scratch layout ----------------------------------------------------------
+// X [E4] f32 widened logits | S [E4] f32 scores | R [E4] f32 selection scores
+// KEY [E4] u32 | HIST [RADIX_BINS] u32 | CHOSEN [K4] i32 | GROUP [G4] u32
+// | VAL [K4] f32. The backward reuses X, S, R, KEY as G, Y, M and A rows.
+
+/** Bytes of scratch one token needs; the host reserves this once per call. */
+export function scratchBytes(E: i32, K: i32, G: i32): i32 {
+  const e4 = roundUp4(E) << 2;
+  return 4 * e4 + (RADIX_BINS << 2) + 3 * (roundUp4(K) << 2) + (roundUp4(G) << 2) + 64;
+}
+
+/** First free byte of linear memory: the host lays out its regions above it. */
+export function heapBase(): usize {
+  return (__heap_base + 15) & ~15;
+}
+
+// ---- float16 / bfloat16 conversion -----------------------------------------
+
+@inline function f16ToF32(h: u32): f32 {
+  const sign = (h & 0x8000) << 16;
+  const e = (h >> 10) & 0x1f;
+  const m = h & 0x3ff;
+  if (e == 0) {
+    // zero or subnormal: m * 2^-24
+    const v = <f32>m * 5.9604644775390625e-8;
+    return sign ? -v : v;
+  }
+  if (e == 31) return reinterpret<f32>(sign | 0x7f800000 | (m << 13));
+  return reinterpret<f32>(sign | ((e + 112) << 23) | (m << 13));
+}
+
+// Round to nearest, ties to even; overflow goes to infinity, NaN stays NaN.
+@inline function f32ToF16(f: f32): u16 {
+  const x = reinterpret<u32>(f);
+  const sign = (x >> 16) & 0x8000;
+  const e = <i32>((x >> 23) & 0xff);
+  let m = x & 0x7fffff;
+  if (e == 0xff) return <u16>(sign | 0x7c00 | (m ? 0x200 : 0));
+  const he = e - 112;
+  if (he >= 31) return <u16>(sign | 0x7c00);
+  if (he <= 0) {
+    if (he < -10) return <u16>sign;
+    m |= 0x800000;
+    const shift = <u32>(14 - he);
+    const half: u32 = 1 << (shift - 1);
+    let r = m >> shift;
+    const rem = m & ((half << 1) - 1);
+    if (rem > half || (rem == half && (r & 1))) r++;
+    return <u16>(sign | r);
+  }
+  let r = (<u32>he << 10) | (m >> 13);
+  const rem = m & 0x1fff;
+  if (rem > 0x1000 || (rem == 0x1000 && (r & 1))) r++; // a carry rolls into the exponent: correct
+  return <u16>(sign | r);
+}
+
+@inline function f32ToBF16(f: f32): u16 {
+  const x = reinterpret<u32>(f);
+  if ((x & 0x7fffffff) > 0x7f800000) return <u16>((x >> 16) | 0x40); // quiet NaN
+  return <u16>((x + 0x7fff + ((x >> 16) & 1)) >> 16);
+}
+
+@inline function loadAs(ptr: usize, i: i32, dt: i32): f32 {
+  if (dt == DT_F32) return load<f32>(ptr + (<usize>i << 2));
+  const h = <u32>load<u16>(ptr + (<usize>i << 1));
+  return dt == DT_F16 ? f16ToF32(h) : reinterpret<f32>(h << 16);
+}
+
+@inline function storeAs(ptr: usize, i: i32, dt: i32, v: f32): void {
+  if (dt == DT_F32) store<f32>(ptr + (<usize>i << 2), v);
+  else store<u16>(ptr + (<usize>i << 1), dt == DT_F16 ? f32ToF16(v) : f32ToBF16(v));
+}
+
+@inline function dtBytes(dt: i32): i32 {
+  return dt == DT_F32 ? 4 : 2;
+}
+
+// Widens one row of E logits into dst[E4]; pad lanes get -inf (they vanish
+// from softmax sums and are never selected).
+function widenRow(src: usize, dt: i32, E: i32, dst: usize): void {
+  if (dt == DT_F32) {
+    memory.copy(dst, src, <usize>E << 2);
+  } else if (dt == DT_BF16) {
+    let i = 0;
+    // body: 4 lanes = 4 consecutive bf16 values shifted into the high half
+    for (; i + 4 <= E; i += 4) {
+      const w = v128.load64_zero(src + (<usize>i << 1));
+      v128.store(dst + (<usize>i << 2), i32x4.shl(i32x4.extend_low_i16x8_u(w), 16));
+    }
+    for (; i < E; i++) store<f32>(dst + (<usize>i << 2), reinterpret<f32>(<u32>load<u16>(src + (<usize>i << 1)) << 16));
+  } else {
+    for (let i = 0; i < E; i++) store<f32>(dst + (<usize>i << 2), f16ToF32(<u32>load<u16>(src + (<usize>i << 1))));
+  }
+  for (let i = E; i < roundUp4(E); i++) store<f32>(dst + (<usize>i << 2), -Infinity);
+}
+
+function narrowRow(src: usize, E: i32, dt: i32, dst: usize): void {
+  if (dt == DT_F32) {
+    memory.copy(dst, src, <usize>E << 2);
+    return;
+  }
+  for (let i = 0; i < E; i++) storeAs(dst, i, dt, load<f32>(src + (<usize>i << 2)));
+}
+
+// ---- vector math --------------------------------------------------------------
+
+// exp(x) on 4 lanes: x = n*ln2 + r with |r| <= ln2/2 (Cody-Waite split of
+// ln2), exp(r) by a degree-6 minimax polynomial, then scaled by 2^n through
+// the exponent bits. Below -87.3 the result is 0 (float32 underflow), above
+// 88.37 it is +inf; NaN propagates. Max error about 2 ulp.
+@inline function vexp(x: v128): v128 {
+  const hi = f32x4.splat(88.37);
+  const lo = f32x4.splat(-87.33654475);
+  const xc = f32x4.max(f32x4.min(x, hi), lo);
+  const n = f32x4.nearest(f32x4.mul(xc, f32x4.splat(1.44269504088896341)));
+  let r = f32x4.sub(xc, f32x4.mul(n, f32x4.splat(0.693359375)));
+  r = f32x4.sub(r, f32x4.mul(n, f32x4.splat(-2.12194440e-4)));
+  let p = f32x4.splat(1.9875691500e-4);
+  p = f32x4.add(f32x4.mul(p, r), f32x4.splat(1.3981999507e-3));
+  p = f32x4.add(f32x4.mul(p, r), f32x4.splat(8.3334519073e-3));
+  p = f32x4.add(f32x4.mul(p, r), f32x4.splat(4.1665795894e-2));
+  p = f32x4.add(f32x4.mul(p, r), f32x4.splat(1.6666665459e-1));
+  p = f32x4.add(f32x4.mul(p, r), f32x4.splat(5.0000001201e-1));
+  p = f32x4.add(f32x4.add(f32x4.mul(f32x4.mul(p, r), r), r), f32x4.splat(1.0));
+  const scale = i32x4.shl(i32x4.add(i32x4.trunc_sat_f32x4_s(n), i32x4.splat(127)), 23);
+  let y = f32x4.mul(p, scale);
+  y = v128.bitselect(f32x4.splat(0), y, f32x4.lt(x, lo));
+  return v128.bitselect(f32x4.splat(Infinity), y, f32x4.gt(x, hi));
+}
+
+// log(w) on 4 lanes for w >= 1 (finite): w = m * 2^e with m in
+// [sqrt(1/2), sqrt(2)), log(m) = t - t^2/2 + t^3 * P(t) with t = m - 1, and
+// e * ln2 added in two parts (0.693359375 - 2.12194440e-4) for precision.
+@inline function vlogGe1(w: v128): v128 {
+  const bits = w;
+  let e = i32x4.sub(i32x4.shr_u(bits, 23), i32x4.splat(127));
+  let m = v128.or(v128.and(bits, i32x4.splat(0x007fffff)), i32x4.splat(0x3f800000));
+  // move m from [1, 2) to [sqrt(1/2), sqrt(2)) so that t stays small
+  const big = f32x4.gt(m, f32x4.splat(1.41421356237));
+  m = v128.bitselect(f32x4.mul(m, f32x4.splat(0.5)), m, big);
+  e = i32x4.sub(e, big); // big lanes are -1: e + 1
+  const t = f32x4.sub(m, f32x4.splat(1.0));
+  const ef = f32x4.convert_i32x4_s(e);
+  const z = f32x4.mul(t, t);
+  let p = f32x4.splat(7.0376836292e-2);
+  p = f32x4.add(f32x4.mul(p, t), f32x4.splat(-1.1514610310e-1));
+  p = f32x4.add(f32x4.mul(p, t), f32x4.splat(1.1676998740e-1));
+  p = f32x4.add(f32x4.mul(p, t), f32x4.splat(-1.2420140846e-1));
+  p = f32x4.add(f32x4.mul(p, t), f32x4.splat(1.4249322787e-1));
+  p = f32x4.add(f32x4.mul(p, t), f32x4.splat(-1.6668057665e-1));
+  p = f32x4.add(f32x4.mul(p, t), f32x4.splat(2.0000714765e-1));
+  p = f32x4.add(f32x4.mul(p, t), f32x4.splat(-2.4999993993e-1));
+  p = f32x4.add(f32x4.mul(p, t), f32x4.splat(3.3333331174e-1));
+  let y = f32x4.mul(f32x4.mul(p, t), z);
+  y = f32x4.add(y, f32x4.mul(ef, f32x4.splat(-2.12194440e-4)));
+  y = f32x4.sub(y, f32x4.mul(z, f32x4.splat(0.5)));
+  return f32x4.add(f32x4.add(t, y), f32x4.mul(ef, f32x4.splat(0.693359375)));
+}
+
+// log1p(u) for u >= 0: with w = 1 + u (rounded), log1p(u) = log(w) * u / (w - 1)
+// corrects the rounding of w; where w == 1, log1p(u) = u to float32 precision.
+@inline function vlog1p(u: v128): v128 {
+  const w = f32x4.add(u, f32x4.splat(1.0));
+  const d = f32x4.sub(w, f32x4.splat(1.0));
+  const one = f32x4.eq(d, f32x4.splat(0));
+  const l = f32x4.mul(vlogGe1(w), f32x4.div(u, v128.bitselect(f32x4.splat(1), d, one)));
+  const y = v128.bitselect(u, l, one);
+  return v128.bitselect(u, y, f32x4.eq(u, f32x4.splat(Infinity)));
+}
+
+// sigmoid(x) = 1 / (1 + exp(-x))
+@inline function vsigmoid(x: v128): v128 {
+  return f32x4.div(f32x4.splat(1.0), f32x4.add(f32x4.splat(1.0), vexp(f32x4.neg(x))));
+}
+
+// softplus(x) = log1p(exp(x)), and exactly x above 20 (float32 identity there,
+// and it avoids exp overflow).
+@inline function vsoftplus(x: v128): v128 {
+  const lin = f32x4.gt(x, f32x4.splat(SOFTPLUS_LINEAR));
+  return v128.bitselect(x, vlog1p(vexp(x)), lin);
+}
+
+// sqrtsoftplus(x) = sqrt(softplus(x))
+@inline function vsqrtsoftplus(x: v128): v128 {
+  return f32x4.sqrt(vsoftplus(x));
+}
+
+@inline function hsum(v: v128): f32 {
+  return (f32x4.extract_lane(v, 0) + f32x4.extract_lane(v, 1)) + (f32x4.extract_lane(v, 2) + f32x4.extract_lane(v, 3));
+}
+
+@inline function hmax(v: v128): f32 {
+  return max(max(f32x4.extract_lane(v, 0), f32x4.extract_lane(v, 1)), max(f32x4.extract_lane(v, 2), f32x4.extract_lane(v, 3)));
+}
+
+/** Test hook: applies one vector routine (0 exp, 1 log1p, 2 sigmoid, 3 sqrtsoftplus) to n floats in place. */
+export function mathCheck(kind: i32, ptr: usize, n: i32): void {
+  for (let i = 0; i < n; i += 4) {
+    const p = ptr + (<usize>i << 2);
+    const x = v128.load(p);
+    let y: v128;
+    if (kind == 0) y = vexp(x);
+    else if (kind == 1) y = vlog1p(x);
+    else if (kind == 2) y = vsigmoid(x);
+    else y = vsqrtsoftplus(x);
+    v128.store(p, y);
+  }
+}
+
+// ---- scores -------------------------------------------------------------------
+
+// Scores of one row: s = softmax(x) | sigmoid(x) | sqrtsoftplus(x), over E4
+// lanes (pad lanes hold -inf logits and produce 0 scores).
+function scoreRow(X: usize, E4: i32, fn: i32, S: usize): void {
+  if (fn == SCORE_SOFTMAX) {
+    // softmax = exp(x - max) / sum; max-subtracted so exp never overflows
+    let mv = f32x4.splat(-Infinity);
+    for (let i = 0; i < E4; i += 4) mv = f32x4.max(mv, v128.load(X + (<usize>i << 2)));
+    const m = f32x4.splat(hmax(mv));
+    let sv = f32x4.splat(0);
+    for (let i = 0; i < E4; i += 4) {
+      const e = vexp(f32x4.sub(v128.load(X + (<usize>i << 2)), m));
+      v128.store(S + (<usize>i << 2), e);
+      sv = f32x4.add(sv, e);
+    }
+    const sum = f32x4.splat(hsum(sv));
+    for (let i = 0; i < E4; i += 4) {
+      const p = S + (<usize>i << 2);
+      v128.store(p, f32x4.div(v128.load(p), sum));
+    }
+  } else if (fn == SCORE_SIGMOID) {
+    for (let i = 0; i < E4; i += 4) {
+      v128.store(S + (<usize>i << 2), vsigmoid(v128.load(X + (<usize>i << 2))));
+    }
+  } else {
+    for (let i = 0; i < E4; i += 4) {
+      v128.store(S + (<usize>i << 2), vsqrtsoftplus(v128.load(X + (<usize>i << 2))));
+    }
+  }
+}
+
+// ---- keys and selection ----------------------------------------------------------
+
+@inline function keyOf(r: f32): u32 {
+  if (r != r) return KEY_NAN;
+  const b = reinterpret<u32>(r + 0.0); // -0 + 0 = +0: equal values, equal keys
+  return b >> 31 ? ~b : b | 0x80000000;
+}
+
+// keys of E values (lanes: 4 consecutive experts); pad lanes get KEY_OUT
+function keysOf(R: usize, E: i32, KEY: usize): void {
+  const E4 = roundUp4(E);
+  for (let i = 0; i < E4; i += 4) {
+    const r = f32x4.add(v128.load(R + (<usize>i << 2)), f32x4.splat(0));
+    const neg = i32x4.shr_s(r, 31);
+    const k = v128.xor(r, v128.or(neg, i32x4.splat(<i32>0x80000000)));
+    v128.store(KEY + (<usize>i << 2), v128.bitselect(i32x4.splat(KEY_NAN), k, f32x4.ne(r, r)));
+  }
+  for (let i = E; i < E4; i++) store<u32>(KEY + (<usize>i << 2), KEY_OUT);
+}
+
+// Index of the largest key in [from, to), the lowest index among equals.
+// Two passes: the maximum (lanes hold 4 consecutive keys), then its first
+// position. KEY is 16-byte aligned, so the body loops run on aligned vectors.
+function argmaxKey(KEY: usize, from: i32, to: i32): i32 {
+  let best: u32 = 0;
+  let i = from;
+  for (; i < to && (i & 3) != 0; i++) best = max(best, load<u32>(KEY + (<usize>i << 2)));
+  let mv = i32x4.splat(0);
+  for (; i + 4 <= to; i += 4) mv = i32x4.max_u(mv, v128.load(KEY + (<usize>i << 2)));
+  for (; i < to; i++) best = max(best, load<u32>(KEY + (<usize>i << 2)));
+  best = max(max(best, max(<u32>i32x4.extract_lane(mv, 0), <u32>i32x4.extract_lane(mv, 1))), max(<u32>i32x4.extract_lane(mv, 2), <u32>i32x4.extract_lane(mv, 3)));
+  const target = i32x4.splat(best);
+  i = from;
+  for (; i < to && (i & 3) != 0; i++) if (load<u32>(KEY + (<usize>i << 2)) == best) return i;
+  for (; i + 4 <= to; i += 4) {
+    const hit = i32x4.bitmask(i32x4.eq(v128.load(KEY + (<usize>i << 2)), target));
+    if (hit) return i + ctz(hit);
+  }
+  for (; i < to; i++) if (load<u32>(KEY + (<usize>i << 2)) == best) return i;
+  return from;
+}
+
+// naive top-K: K rounds of arg-max, each taking the expert out. Picks come
+// out in order (key descending, ties by lower index). O(K * E).
+function selectNaive(KEY: usize, E: i32, K: i32, CHOSEN: usize): void {
+  for (let k = 0; k < K; k++) {
+    const at = argmaxKey(KEY, 0, E);
+    store<i32>(CHOSEN + (<usize>k << 2), at);
+    store<u32>(KEY + (<usize>at << 2), KEY_OUT);
+  }
+}
+
+// radix top-K. Phases: (1) find the K-th largest key T by 32/RADIX_BITS
+// histogram passes over the keys that share the prefix found so far, keeping
+// `need` = how many keys equal to T still belong to the top K; (2) gather, in
+// index order, every key > T and the first `need` keys == T (tie rule: lower
+// index wins); (3) sort the K picks by key descending (stable, so equal keys
+// stay in index order). O(E) per pass, independent of K; counters are u32 and
+// count at most E keys, so they cannot overflow.
+function selectRadix(KEY: usize, E: i32, K: i32, HIST: usize, CHOSEN: usize): void {
+  let prefix: u32 = 0;
+  let mask: u32 = 0;
+  let need = K;
+  for (let shift = 32 - RADIX_BITS; shift >= 0; shift -= RADIX_BITS) {
+    memory.fill(HIST, 0, <usize>RADIX_BINS << 2);
+    for (let i = 0; i < E; i++) {
+      const k = load<u32>(KEY + (<usize>i << 2));
+      if ((k & mask) == prefix) {
+        const h = HIST + (<usize>((k >> shift) & (RADIX_BINS - 1)) << 2);
+        store<u32>(h, load<u32>(h) + 1);
+      }
+    }
+    let bin = RADIX_BINS - 1;
+    for (; bin > 0; bin--) {
+      const c = <i32>load<u32>(HIST + (<usize>bin << 2));
+      if (c >= need) break;
+      need -= c;
+    }
+    prefix |= <u32>bin << shift;
+    mask |= <u32>(RADIX_BINS - 1) << shift;
+  }
+  const T = prefix;
+  let n = 0;
+  for (let i = 0; i < E && n < K; i++) {
+    const k = load<u32>(KEY + (<usize>i << 2));
+    if (k > T || (k == T && need > 0)) {
+      if (k == T) need--;
+      store<i32>(CHOSEN + (<usize>n << 2), i);
+      n++;
+    }
+  }
+  // insertion sort by key descending; K is the number of picks
+  for (let a = 1; a < K; a++) {
+    const ia = load<i32>(CHOSEN + (<usize>a << 2));
+    const ka = load<u32>(KEY + (<usize>ia << 2));
+    let b = a - 1;
+    while (b >= 0) {
+      const ib = load<i32>(CHOSEN + (<usize>b << 2));
+      if (load<u32>(KEY + (<usize>ib << 2)) >= ka) break;
+      store<i32>(CHOSEN + (<usize>(b + 1) << 2), ib);
+      b--;
+    }
+    store<i32>(CHOSEN + (<usize>(b + 1) << 2), ia);
+  }
+}
+
+function selectTopK(KEY: usize, E: i32, K: i32, radix: bool, HIST: usize, CHOSEN: usize): void {
+  if (radix) selectRadix(KEY, E, K, HIST, CHOSEN);
+  else selectNaive(KEY, E, K, CHOSEN);
+}
+
+// Group limit: a group's score is the sum of its top (K / GK) selection
+// scores, added in descending order; the GK best groups are kept (equal
+// scores: lower group index), every expert outside them gets KEY_OUT.
+function limitGroups(R: usize, KEY: usize, E: i32, K: i32, G: i32, GK: i32, CHOSEN: usize, GROUP: usize): void {
+  const size = E / G;
+  const per = K / GK;
+  for (let g = 0; g < G; g++) {
+    const from = g * size;
+    let sum: f32 = 0;
+    // take the group's best `per` experts out, remembering their keys in CHOSEN
+    for (let j = 0; j < per; j++) {
+      const at = argmaxKey(KEY, from, from + size);
+      sum += load<f32>(R + (<usize>at << 2));
+      store<i32>(CHOSEN + (<usize>(2 * j) << 2), at);
+      store<u32>(CHOSEN + (<usize>(2 * j + 1) << 2), load<u32>(KEY + (<usize>at << 2)));
+      store<u32>(KEY + (<usize>at << 2), KEY_OUT);
+    }
+    for (let j = 0; j < per; j++) {
+      store<u32>(KEY + (<usize>load<i32>(CHOSEN + (<usize>(2 * j) << 2)) << 2), load<u32>(CHOSEN + (<usize>(2 * j + 1) << 2)));
+    }
+    store<u32>(GROUP + (<usize>g << 2), keyOf(sum));
+  }
+  // keep GK groups: take each best group out by marking it with KEY_OUT, then
+  // the groups still holding a key are the dropped ones
+  for (let j = 0; j < GK; j++) {
+    let best: u32 = 0;
+    let at = 0;
+    for (let g = 0; g < G; g++) {
+      const k = load<u32>(GROUP + (<usize>g << 2));
+      if (k > best) { best = k; at = g; }
+    }
+    store<u32>(GROUP + (<usize>at << 2), KEY_OUT);
+  }
+  for (let g = 0; g < G; g++) {
+    if (load<u32>(GROUP + (<usize>g << 2)) != KEY_OUT) memory.fill(KEY + (<usize>(g * size) << 2), 0, <usize>size << 2);
+  }
+}
+
+// ---- routing output ------------------------------------------------------------
+
+@inline function routeRowBytes(fmt: i32, E: i32, K: i32): i32 {
+  if (fmt == ROUTE_BYTEMAP) return E;
+  if (fmt == ROUTE_BITMAP) return (E + 7) >> 3;
+  if (fmt == ROUTE_I16) return K << 1;
+  if (fmt == ROUTE_I32) return K << 2;
+  return K << 3;
+}
+
+function writeRoute(fmt: i32, E: i32, K: i32, CHOSEN: usize, out: usize): void {
+  if (fmt == ROUTE_BYTEMAP || fmt == ROUTE_BITMAP) {
+    memory.fill(out, 0, <usize>routeRowBytes(fmt, E, K));
+    for (let k = 0; k < K; k++) {
+      const e = load<i32>(CHOSEN + (<usize>k << 2));
+      if (fmt == ROUTE_BYTEMAP) store<u8>(out + <usize>e, 1);
+      else {
+        const p = out + <usize>(e >> 3);
+        store<u8>(p, <u8>(<i32>load<u8>(p) | (<i32>1 << (e & 7))));
+      }
+    }
+    return;
+  }
+  for (let k = 0; k < K; k++) {
+    const e = load<i32>(CHOSEN + (<usize>k << 2));
+    if (fmt == ROUTE_I16) store<i16>(out + (<usize>k << 1), <i16>e);
+    else if (fmt == ROUTE_I32) store<i32>(out + (<usize>k << 2), e);
+    else store<i64>(out + (<usize>k << 3), <i64>e);
+  }
+}
+
+// Expands one token's routing output into a 0/1 float mask M[E4].
+function readRoute(fmt: i32, E: i32, K: i32, route: usize, M: usize): void {
+  const E4 = roundUp4(E);
+  if (fmt == ROUTE_BYTEMAP || fmt == ROUTE_BITMAP) {
+    for (let e = 0; e < E; e++) {
+      const on = fmt == ROUTE_BYTEMAP ? load<u8>(route + <usize>e) != 0 : ((load<u8>(route + <usize>(e >> 3)) >> (e & 7)) & 1) != 0;
+      store<f32>(M + (<usize>e << 2), on ? 1.0 : 0.0);
+    }
+    for (let e = E; e < E4; e++) store<f32>(M + (<usize>e << 2), 0);
+    return;
+  }
+  memory.fill(M, 0, <usize>E4 << 2);
+  for (let k = 0; k < K; k++) {
+    let e: i32;
+    if (fmt == ROUTE_I16) e = <i32>load<i16>(route + (<usize>k << 1));
+    else if (fmt == ROUTE_I32) e = load<i32>(route + (<usize>k << 2));
+    else e = <i32>load<i64>(route + (<usize>k << 3));
+    if (e >= 0 && e < E) store<f32>(M + (<usize>e << 2), 1.0);
+  }
+}
+
+// ---- top-k router forward ---------------------------------------------------------
+
+/**
+ * Forward of the top-k router for T tokens (SPEC section 2). Writes probs
+ * (logits dtype), intermediate (f32) and the routing output. bias = 0: none.
+ */
+export function topkForward(
+  logits: usize, dt: i32, T: i32, E: i32, K: i32,
+  fn: i32, pre: bool, G: i32, GK: i32, scale: f32, bias: usize,
+  fmt: i32, radixThreshold: i32,
+  probs: usize, inter: usize, route: usize, scratch: usize,
+): void {
+  const E4 = roundUp4(E);
+  const rowF = <usize>E4 << 2;
+  const X = scratch;
+  const S = X + rowF;
+  const R = S + rowF;
+  const KEY = R + rowF;
+  const HIST = KEY + rowF;
+  const CHOSEN = HIST + (<usize>RADIX_BINS << 2);
+  const VAL = CHOSEN + (<usize>(2 * roundUp4(K)) << 2); // CHOSEN doubles as (index, key) pairs in limitGroups
+  const GROUP = VAL + (<usize>roundUp4(K) << 2);
+  const radix = K >= radixThreshold;
+  const inB = <usize>dtBytes(dt);
+  const routeB = <usize>routeRowBytes(fmt, E, K);
+  const grouped = GK > 0;
+
+  for (let t = 0; t < T; t++) {
+    const tt = <usize>t * <usize>E;
+    // load: widen the token's logits into X
+    widenRow(logits + tt * inB, dt, E, X);
+    // score: s = softmax / sigmoid / sqrtsoftplus of x (post-softmax selects on x)
+    const softPost = fn == SCORE_SOFTMAX && !pre;
+    const Sx = softPost ? X : S;
+    if (!softPost) scoreRow(X, E4, fn, S);
+    // bias: r = s + b for selection only
+    let Rx = Sx;
+    if (bias) {
+      for (let i = 0; i < E4; i += 4) {
+        const o = <usize>i << 2;
+        v128.store(R + o, f32x4.add(v128.load(Sx + o), v128.load(bias + o)));
+      }
+      Rx = R;
+    }
+    // select: keys, group limit, then top-K (naive or radix: identical sets)
+    keysOf(Rx, E, KEY);
+    if (grouped) limitGroups(Rx, KEY, E, K, G, GK, CHOSEN, GROUP);
+    selectTopK(KEY, E, K, radix, HIST, CHOSEN);
+
+    // post-process: values of the chosen experts
+    if (softPost) {
+      // softmax over the K chosen logits, max-subtracted
+      let m: f32 = -Infinity;
+      for (let k = 0; k < K; k++) m = max(m, load<f32>(X + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2)));
+      let sum: f32 = 0;
+      for (let k = 0; k < K; k++) {
+        const v = NativeMathf.exp(load<f32>(X + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2)) - m);
+        store<f32>(VAL + (<usize>k << 2), v);
+        sum += v;
+      }
+      for (let k = 0; k < K; k++) store<f32>(VAL + (<usize>k << 2), load<f32>(VAL + (<usize>k << 2)) / sum);
+    } else {
+      // the unbiased score, taken directly; sigmoid / sqrtsoftplus normalise when K > 1
+      let sum: f32 = 0;
+      for (let k = 0; k < K; k++) {
+        const v = load<f32>(S + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2));
+        store<f32>(VAL + (<usize>k << 2), v);
+        sum += v;
+      }
+      if (fn != SCORE_SOFTMAX && K > 1) {
+        const d = sum + EPS;
+        for (let k = 0; k < K; k++) store<f32>(VAL + (<usize>k << 2), load<f32>(VAL + (<usize>k << 2)) / d);
+      }
+    }
+
+    // write: probs = c * v at the chosen experts, 0 elsewhere
+    const prow = probs + tt * inB;
+    memory.fill(prow, 0, <usize>E * inB);
+    for (let k = 0; k < K; k++) {
+      storeAs(prow, load<i32>(CHOSEN + (<usize>k << 2)), dt, load<f32>(VAL + (<usize>k << 2)) * scale);
+    }
+    // write: intermediate, saved for backward
+    const irow = inter + (tt << 2);
+    if (softPost) {
+      for (let i = 0; i < E; i++) store<f32>(irow + (<usize>i << 2), -Infinity);
+      for (let k = 0; k < K; k++) store<f32>(irow + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2), load<f32>(VAL + (<usize>k << 2)));
+    } else {
+      memory.copy(irow, fn == SCORE_SQRTSOFTPLUS ? X : S, <usize>E << 2);
+    }
+    writeRoute(fmt, E, K, CHOSEN, route + <usize>t * routeB);
+  }
+}
+
+// ---- top-k router backward -------------------------------------------------------
+
+/**
+ * Backward of the top-k router (SPEC section 3): gradLogits from gradProbs,
+ * the saved intermediate and the routing output of any format.
+ */
+export function topkBackward(
+  grad: usize, dt: i32, T: i32, E: i32, K: i32,
+  fn: i32, pre: bool, scale: f32,
+  inter: usize, fmt: i32, route: usize, out: usize, scratch: usize,
+): void {
+  const E4 = roundUp4(E);
+  const rowF = <usize>E4 << 2;
+  const Gr = scratch; // gradient row
+  const Y = Gr + rowF; // saved intermediate row (pad lanes 0)
+  const M = Y + rowF; // chosen mask, 1.0 / 0.0
+  const A = M + rowF; // activations of sigmoid / sqrtsoftplus
+  const inB = <usize>dtBytes(dt);
+  const routeB = <usize>routeRowBytes(fmt, E, K);
+  const zero = f32x4.splat(0);
+  const c = f32x4.splat(scale);
+
+  for (let t = 0; t < T; t++) {
+    const tt = <usize>t * <usize>E;
+    // load: mask from the routing output, g = gradProbs * c on chosen experts
+    readRoute(fmt, E, K, route + <usize>t * routeB, M);
+    widenRow(grad + tt * inB, dt, E, Gr);
+    memory.copy(Y, inter + (tt << 2), <usize>E << 2);
+    for (let i = E; i < E4; i++) store<f32>(Y + (<usize>i << 2), 0);
+    for (let i = 0; i < E4; i += 4) {
+      const o = <usize>i << 2;
+      const m = f32x4.ne(v128.load(M + o), zero);
+      v128.store(Gr + o, v128.and(f32x4.mul(v128.load(Gr + o), c), m));
+    }
+
+    if (fn == SCORE_SOFTMAX) {
+      // softmax backward: g_i = y_i * (g_i - sum_chosen(g * y)); post: chosen only
+      let dv = zero;
+      for (let i = 0; i < E4; i += 4) {
+        const o = <usize>i << 2;
+        const m = f32x4.ne(v128.load(M + o), zero);
+        dv = f32x4.add(dv, v128.and(f32x4.mul(v128.load(Gr + o), v128.load(Y + o)), m));
+      }
+      const d = f32x4.splat(hsum(dv));
+      for (let i = 0; i < E4; i += 4) {
+        const o = <usize>i << 2;
+        let g = f32x4.mul(v128.load(Y + o), f32x4.sub(v128.load(Gr + o), d));
+        // post: unchosen experts hold -inf in y and get no gradient
+        if (!pre) g = v128.and(g, f32x4.ne(v128.load(M + o), zero));
+        v128.store(Gr + o, g);
+      }
+    } else {
+      // activations a: sigmoid saved in y; sqrtsoftplus recomputed from the saved logits
+      for (let i = 0; i < E4; i += 4) {
+        const o = <usize>i << 2;
+        const y = v128.load(Y + o);
+        v128.store(A + o, fn == SCORE_SIGMOID ? y : vsqrtsoftplus(y));
+      }
+      if (K > 1) {
+        // normalisation backward: g_i = g_i / S - D / S^2, S = sum(a) + eps, D = sum(g * a)
+        let sv = zero;
+        let dv = zero;
+        for (let i = 0; i < E4; i += 4) {
+          const o = <usize>i << 2;
+          const m = f32x4.ne(v128.load(M + o), zero);
+          const a = v128.and(v128.load(A + o), m);
+          sv = f32x4.add(sv, a);
+          dv = f32x4.add(dv, f32x4.mul(v128.load(Gr + o), a));
+        }
+        const s = hsum(sv) + EPS;
+        const S = f32x4.splat(s);
+        const D = f32x4.splat(hsum(dv) / (s * s));
+        for (let i = 0; i < E4; i += 4) {
+          const o = <usize>i << 2;
+          const m = f32x4.ne(v128.load(M + o), zero);
+          v128.store(Gr + o, v128.and(f32x4.sub(f32x4.div(v128.load(Gr + o), S), D), m));
+        }
+      }
+      activationBackward(fn, Y, A, Gr, E4);
+    }
+    narrowRow(Gr, E, dt, out + tt * inB);
+  }
+}
+
+// Activation backward in place on G[E4]:
+//   sigmoid: g *= y * (1 - y) with y the saved sigmoid;
+//   sqrtsoftplus: g *= sigmoid(x) / (2 * a + eps), a = sqrtsoftplus(x);
+//   above x = 20 softplus is the identity, so its derivative is 1, not sigmoid(x).
+function activationBackward(fn: i32, Y: usize, A: usize, Gr: usize, E4: i32): void {
+  const one = f32x4.splat(1.0);
+  for (let i = 0; i < E4; i += 4) {
+    const o = <usize>i << 2;
+    const y = v128.load(Y + o);
+    let d: v128;
+    if (fn == SCORE_SIGMOID) {
+      d = f32x4.mul(y, f32x4.sub(one, y));
+    } else {
+      const sg = v128.bitselect(one, vsigmoid(y), f32x4.gt(y, f32x4.splat(SOFTPLUS_LINEAR)));
+      d = f32x4.div(sg, f32x4.add(f32x4.mul(f32x4.splat(2.0), v128.load(A + o)), f32x4.splat(EPS)));
+    }
+    v128.store(Gr + o, f32x4.mul(v128.load(Gr + o), d));
+  }
+}
+
+// ---- aux-loss scores ---------------------------------------------------------------
+
+/**
+ * Scores for the aux loss (SPEC section 4): softmax, or the activation
+ * normalised over all E experts; top-K routing map; intermediate.
+ */
+export function auxScoresForward(
+  logits: usize, dt: i32, T: i32, E: i32, K: i32, fn: i32, fmt: i32, radixThreshold: i32,
+  scores: usize, inter: usize, route: usize, scratch: usize,
+): void {
+  const E4 = roundUp4(E);
+  const rowF = <usize>E4 << 2;
+  const X = scratch;
+  const S = X + rowF;
+  const KEY = S + 2 * rowF;
+  const HIST = KEY + rowF;
+  const CHOSEN = HIST + (<usize>RADIX_BINS << 2);
+  const inB = <usize>dtBytes(dt);
+  const routeB = <usize>routeRowBytes(fmt, E, K);
+  const radix = K >= radixThreshold;
+  for (let t = 0; t < T; t++) {
+    const tt = <usize>t * <usize>E;
+    widenRow(logits + tt * inB, dt, E, X);
+    scoreRow(X, E4, fn, S);
+    const irow = inter + (tt << 2);
+    memory.copy(irow, fn == SCORE_SQRTSOFTPLUS ? X : S, <usize>E << 2);
+    if (fn != SCORE_SOFTMAX) {
+      // normalise over every expert: a / (sum(a) + eps); pad lanes hold 0
+      let sv = f32x4.splat(0);
+      for (let i = 0; i < E4; i += 4) sv = f32x4.add(sv, v128.load(S + (<usize>i << 2)));
+      const d = f32x4.splat(hsum(sv) + EPS);
+      for (let i = 0; i < E4; i += 4) {
+        const p = S + (<usize>i << 2);
+        v128.store(p, f32x4.div(v128.load(p), d));
+      }
+    }
+    memory.copy(scores + (tt << 2), S, <usize>E << 2);
+    keysOf(S, E, KEY);
+    selectTopK(KEY, E, K, radix, HIST, CHOSEN);
+    writeRoute(fmt, E, K, CHOSEN, route + <usize>t * routeB);
+  }
+}
+
+/** Backward of the aux-loss scores: gradLogits (logits dtype) from gradScores (f32). */
+export function auxScoresBackward(
+  grad: usize, T: i32, E: i32, fn: i32, inter: usize, dt: i32, out: usize, scratch: usize,
+): void {
+  const E4 = roundUp4(E);
+  const rowF = <usize>E4 << 2;
+  const Gr = scratch;
+  const Y = Gr + rowF;
+  const A = Y + rowF;
+  const zero = f32x4.splat(0);
+  for (let t = 0; t < T; t++) {
+    const tt = <usize>t * <usize>E;
+    memory.copy(Gr, grad + (tt << 2), <usize>E << 2);
+    memory.copy(Y, inter + (tt << 2), <usize>E << 2);
+    for (let i = E; i < E4; i++) {
+      store<f32>(Gr + (<usize>i << 2), 0);
+      store<f32>(Y + (<usize>i << 2), fn == SCORE_SQRTSOFTPLUS ? -Infinity : 0);
+    }
+    if (fn == SCORE_SOFTMAX) {
+      // g_i = y_i * (g_i - sum(g * y))
+      let dv = zero;
+      for (let i = 0; i < E4; i += 4) {
+        const o = <usize>i << 2;
+        dv = f32x4.add(dv, f32x4.mul(v128.load(Gr + o), v128.load(Y + o)));
+      }
+      const d = f32x4.splat(hsum(dv));
+      for (let i = 0; i < E4; i += 4) {
+        const o = <usize>i << 2;
+        v128.store(Gr + o, f32x4.mul(v128.load(Y + o), f32x4.sub(v128.load(Gr + o), d)));
+      }
+    } else {
+      // normalisation over all experts, then the activation
+      let sv = zero;
+      let dv = zero;
+      for (let i = 0; i < E4; i += 4) {
+        const o = <usize>i << 2;
+        const y = v128.load(Y + o);
+        const a = fn == SCORE_SIGMOID ? y : vsqrtsoftplus(y);
+        v128.store(A + o, a);
+        sv = f32x4.add(sv, a);
+        dv = f32x4.add(dv, f32x4.mul(v128.load(Gr + o), a));
+      }
+      const s = hsum(sv) + EPS;
+      const S = f32x4.splat(s);
+      const D = f32x4.splat(hsum(dv) / (s * s));
+      for (let i = 0; i < E4; i += 4) {
+        const o = <usize>i << 2;
+        v128.store(Gr + o, f32x4.sub(f32x4.div(v128.load(Gr + o), S), D));
+      }
+      activationBackward(fn, Y, A, Gr, E4);
+    }
+    narrowRow(Gr, E, dt, out + tt * <usize>dtBytes(dt));
+  }
+}
+
+// ---- aux loss -----------------------------------------------------------------------
+
+/**
+ * sum_j (sum_t probs[t, j]) * tpe[j] over rows x cols; tpe is f32 [cols].
+ * Column sums use COLSUM[cols4] scratch; the caller applies the constant.
+ */
+export function auxLossSum(probs: usize, dt: i32, rows: i32, cols: i32, tpe: usize, colsum: usize): f32 {
+  const C4 = roundUp4(cols);
+  memory.fill(colsum, 0, <usize>C4 << 2);
+  const b = <usize>dtBytes(dt);
+  for (let t = 0; t < rows; t++) {
+    const row = probs + <usize>t * <usize>cols * b;
+    if (dt == DT_F32) {
+      let j = 0;
+      for (; j + 4 <= cols; j += 4) {
+        const o = <usize>j << 2;
+        v128.store(colsum + o, f32x4.add(v128.load(colsum + o), v128.load(row + o)));
+      }
+      for (; j < cols; j++) store<f32>(colsum + (<usize>j << 2), load<f32>(colsum + (<usize>j << 2)) + load<f32>(row + (<usize>j << 2)));
+    } else {
+      for (let j = 0; j < cols; j++) store<f32>(colsum + (<usize>j << 2), load<f32>(colsum + (<usize>j << 2)) + loadAs(row, j, dt));
+    }
+  }
+  let total: f32 = 0;
+  for (let j = 0; j < cols; j++) total += load<f32>(colsum + (<usize>j << 2)) * load<f32>(tpe + (<usize>j << 2));
+  return total;
+}
+
+/** gradProbs[t, j] = g * tpe[j] (g already holds gradLoss times the constant). */
+export function auxLossBackward(g: f32, rows: i32, cols: i32, tpe: usize, dt: i32, out: usize, scratch: usize): void {
+  for (let j = 0; j < cols; j++) store<f32>(scratch + (<usize>j << 2), g * load<f32>(tpe + (<usize>j << 2)));
+  const b = <usize>dtBytes(dt);
+  for (let t = 0; t < rows; t++) narrowRow(scratch, cols, dt, out + <usize>t * <usize>cols * b);
+}

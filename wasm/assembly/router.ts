@@ -47,6 +47,10 @@ const KEY_NAN: u32 = 1;
   return (n + 3) & ~3;
 }
 
+@inline function roundUp16(n: i32): i32 {
+  return (n + 15) & ~15;
+}
+
 // ---- scratch layout ----------------------------------------------------------
 // X [E4] f32 widened logits | S [E4] f32 scores | R [E4] f32 selection scores
 // KEY [E4] u32 | HIST [RADIX_BINS] u32 | CHOSEN [K4] i32 | GROUP [G4] u32
@@ -54,8 +58,8 @@ const KEY_NAN: u32 = 1;
 
 /** Bytes of scratch one token needs; the host reserves this once per call. */
 export function scratchBytes(E: i32, K: i32, G: i32): i32 {
-  const e4 = roundUp4(E) << 2;
-  return 4 * e4 + (RADIX_BINS << 2) + 3 * (roundUp4(K) << 2) + (roundUp4(G) << 2) + 64;
+  const e4 = roundUp16(E) << 2;
+  return 4 * e4 + max(RADIX_BINS << 2, roundUp16(E)) + e4 + 3 * (roundUp4(K) << 2) + (roundUp4(G) << 2) + 20 * roundUp4(K) + 64;
 }
 
 /** First free byte of linear memory: the host lays out its regions above it. */
@@ -153,28 +157,97 @@ function narrowRow(src: usize, E: i32, dt: i32, dst: usize): void {
 
 // ---- vector math --------------------------------------------------------------
 
-// exp(x) on 4 lanes: x = n*ln2 + r with |r| <= ln2/2 (Cody-Waite split of
-// ln2), exp(r) by a degree-6 minimax polynomial, then scaled by 2^n through
-// the exponent bits. Below -87.3 the result is 0 (float32 underflow), above
-// 88.37 it is +inf; NaN propagates. Max error about 2 ulp.
+// Vector constants live in a table in linear memory: V8 rebuilds a v128.const
+// from immediates on every use (several instructions), a load is one.
+const VCONST = memory.data<f32>([
+  -87.33654475, -87.33654475, -87.33654475, -87.33654475, // EXP_LO
+  88.37, 88.37, 88.37, 88.37, // EXP_HI
+  12583039.0, 12583039.0, 12583039.0, 12583039.0, // EXP_SHIFT
+  1.4426950408889634, 1.4426950408889634, 1.4426950408889634, 1.4426950408889634, // LOG2E
+  0.693359375, 0.693359375, 0.693359375, 0.693359375, // LN2_HI
+  -0.00021219444, -0.00021219444, -0.00021219444, -0.00021219444, // LN2_LO
+  0.000198756915, 0.000198756915, 0.000198756915, 0.000198756915, // EXP_P0
+  0.0013981999507, 0.0013981999507, 0.0013981999507, 0.0013981999507, // EXP_P1
+  0.0083334519073, 0.0083334519073, 0.0083334519073, 0.0083334519073, // EXP_P2
+  0.041665795894, 0.041665795894, 0.041665795894, 0.041665795894, // EXP_P3
+  0.16666665459, 0.16666665459, 0.16666665459, 0.16666665459, // EXP_P4
+  0.50000001201, 0.50000001201, 0.50000001201, 0.50000001201, // EXP_P5
+  1.0, 1.0, 1.0, 1.0, // ONE
+  0.5, 0.5, 0.5, 0.5, // HALF
+  2.0, 2.0, 2.0, 2.0, // TWO
+  20.0, 20.0, 20.0, 20.0, // SOFTPLUS_LIN
+  1e-20, 1e-20, 1e-20, 1e-20, // EPS_V
+  Infinity, Infinity, Infinity, Infinity, // INF
+  1.41421356237, 1.41421356237, 1.41421356237, 1.41421356237, // SQRT2
+  7.0376836292e-2, 7.0376836292e-2, 7.0376836292e-2, 7.0376836292e-2, // LOG_P0
+  -1.1514610310e-1, -1.1514610310e-1, -1.1514610310e-1, -1.1514610310e-1, // LOG_P1
+  1.1676998740e-1, 1.1676998740e-1, 1.1676998740e-1, 1.1676998740e-1, // LOG_P2
+  -1.2420140846e-1, -1.2420140846e-1, -1.2420140846e-1, -1.2420140846e-1, // LOG_P3
+  1.4249322787e-1, 1.4249322787e-1, 1.4249322787e-1, 1.4249322787e-1, // LOG_P4
+  -1.6668057665e-1, -1.6668057665e-1, -1.6668057665e-1, -1.6668057665e-1, // LOG_P5
+  2.0000714765e-1, 2.0000714765e-1, 2.0000714765e-1, 2.0000714765e-1, // LOG_P6
+  -2.4999993993e-1, -2.4999993993e-1, -2.4999993993e-1, -2.4999993993e-1, // LOG_P7
+  3.3333331174e-1, 3.3333331174e-1, 3.3333331174e-1, 3.3333331174e-1, // LOG_P8
+  reinterpret<f32>(<u32>127), reinterpret<f32>(<u32>127), reinterpret<f32>(<u32>127), reinterpret<f32>(<u32>127), // I127
+  reinterpret<f32>(<u32>0x3f800000), reinterpret<f32>(<u32>0x3f800000), reinterpret<f32>(<u32>0x3f800000), reinterpret<f32>(<u32>0x3f800000), // ONE_BITS
+  reinterpret<f32>(<u32>0x007fffff), reinterpret<f32>(<u32>0x007fffff), reinterpret<f32>(<u32>0x007fffff), reinterpret<f32>(<u32>0x007fffff), // MANT_MASK
+  reinterpret<f32>(<u32>0x80000000), reinterpret<f32>(<u32>0x80000000), reinterpret<f32>(<u32>0x80000000), reinterpret<f32>(<u32>0x80000000), // SIGN_BIT
+  reinterpret<f32>(<u32>1), reinterpret<f32>(<u32>1), reinterpret<f32>(<u32>1), reinterpret<f32>(<u32>1), // KEY_NAN_V
+  reinterpret<f32>(<u32>0), reinterpret<f32>(<u32>1), reinterpret<f32>(<u32>2), reinterpret<f32>(<u32>3), // IOTA
+  -Infinity, -Infinity, -Infinity, -Infinity, // NEG_INF
+]);
+@inline function EXP_LO(): v128 { return v128.load(VCONST + 0); }
+@inline function EXP_HI(): v128 { return v128.load(VCONST + 16); }
+@inline function EXP_SHIFT(): v128 { return v128.load(VCONST + 32); }
+@inline function LOG2E(): v128 { return v128.load(VCONST + 48); }
+@inline function LN2_HI(): v128 { return v128.load(VCONST + 64); }
+@inline function LN2_LO(): v128 { return v128.load(VCONST + 80); }
+@inline function EXP_P0(): v128 { return v128.load(VCONST + 96); }
+@inline function EXP_P1(): v128 { return v128.load(VCONST + 112); }
+@inline function EXP_P2(): v128 { return v128.load(VCONST + 128); }
+@inline function EXP_P3(): v128 { return v128.load(VCONST + 144); }
+@inline function EXP_P4(): v128 { return v128.load(VCONST + 160); }
+@inline function EXP_P5(): v128 { return v128.load(VCONST + 176); }
+@inline function ONE(): v128 { return v128.load(VCONST + 192); }
+@inline function HALF(): v128 { return v128.load(VCONST + 208); }
+@inline function TWO(): v128 { return v128.load(VCONST + 224); }
+@inline function SOFTPLUS_LIN(): v128 { return v128.load(VCONST + 240); }
+@inline function EPS_V(): v128 { return v128.load(VCONST + 256); }
+@inline function INF(): v128 { return v128.load(VCONST + 272); }
+@inline function SQRT2(): v128 { return v128.load(VCONST + 288); }
+@inline function LOG_P0(): v128 { return v128.load(VCONST + 304); }
+@inline function LOG_P1(): v128 { return v128.load(VCONST + 320); }
+@inline function LOG_P2(): v128 { return v128.load(VCONST + 336); }
+@inline function LOG_P3(): v128 { return v128.load(VCONST + 352); }
+@inline function LOG_P4(): v128 { return v128.load(VCONST + 368); }
+@inline function LOG_P5(): v128 { return v128.load(VCONST + 384); }
+@inline function LOG_P6(): v128 { return v128.load(VCONST + 400); }
+@inline function LOG_P7(): v128 { return v128.load(VCONST + 416); }
+@inline function LOG_P8(): v128 { return v128.load(VCONST + 432); }
+@inline function I127(): v128 { return v128.load(VCONST + 448); }
+@inline function ONE_BITS(): v128 { return v128.load(VCONST + 464); }
+@inline function MANT_MASK(): v128 { return v128.load(VCONST + 480); }
+@inline function SIGN_BIT(): v128 { return v128.load(VCONST + 496); }
+@inline function KEY_NAN_V(): v128 { return v128.load(VCONST + 512); }
+@inline function IOTA(): v128 { return v128.load(VCONST + 528); }
+@inline function NEG_INF(): v128 { return v128.load(VCONST + 544); }
+
 @inline function vexp(x: v128): v128 {
-  const hi = f32x4.splat(88.37);
-  const lo = f32x4.splat(-87.33654475);
-  const xc = f32x4.max(f32x4.min(x, hi), lo);
-  const n = f32x4.nearest(f32x4.mul(xc, f32x4.splat(1.44269504088896341)));
-  let r = f32x4.sub(xc, f32x4.mul(n, f32x4.splat(0.693359375)));
-  r = f32x4.sub(r, f32x4.mul(n, f32x4.splat(-2.12194440e-4)));
-  let p = f32x4.splat(1.9875691500e-4);
-  p = f32x4.add(f32x4.mul(p, r), f32x4.splat(1.3981999507e-3));
-  p = f32x4.add(f32x4.mul(p, r), f32x4.splat(8.3334519073e-3));
-  p = f32x4.add(f32x4.mul(p, r), f32x4.splat(4.1665795894e-2));
-  p = f32x4.add(f32x4.mul(p, r), f32x4.splat(1.6666665459e-1));
-  p = f32x4.add(f32x4.mul(p, r), f32x4.splat(5.0000001201e-1));
-  p = f32x4.add(f32x4.add(f32x4.mul(f32x4.mul(p, r), r), r), f32x4.splat(1.0));
-  const scale = i32x4.shl(i32x4.add(i32x4.trunc_sat_f32x4_s(n), i32x4.splat(127)), 23);
-  let y = f32x4.mul(p, scale);
-  y = v128.bitselect(f32x4.splat(0), y, f32x4.lt(x, lo));
-  return v128.bitselect(f32x4.splat(Infinity), y, f32x4.gt(x, hi));
+  const lo = EXP_LO();
+  const xc = f32x4.pmax(f32x4.pmin(x, EXP_HI()), lo);
+  const t = f32x4.add(f32x4.mul(xc, LOG2E()), EXP_SHIFT());
+  const n = f32x4.sub(t, EXP_SHIFT());
+  let r = f32x4.sub(xc, f32x4.mul(n, LN2_HI()));
+  r = f32x4.sub(r, f32x4.mul(n, LN2_LO()));
+  let p = EXP_P0();
+  p = f32x4.add(f32x4.mul(p, r), EXP_P1());
+  p = f32x4.add(f32x4.mul(p, r), EXP_P2());
+  p = f32x4.add(f32x4.mul(p, r), EXP_P3());
+  p = f32x4.add(f32x4.mul(p, r), EXP_P4());
+  p = f32x4.add(f32x4.mul(p, r), EXP_P5());
+  p = f32x4.add(f32x4.add(f32x4.mul(f32x4.mul(p, r), r), r), ONE());
+  const y = f32x4.mul(p, i32x4.shl(t, 23));
+  return v128.andnot(y, f32x4.lt(x, lo));
 }
 
 // log(w) on 4 lanes for w >= 1 (finite): w = m * 2^e with m in
@@ -182,50 +255,50 @@ function narrowRow(src: usize, E: i32, dt: i32, dst: usize): void {
 // e * ln2 added in two parts (0.693359375 - 2.12194440e-4) for precision.
 @inline function vlogGe1(w: v128): v128 {
   const bits = w;
-  let e = i32x4.sub(i32x4.shr_u(bits, 23), i32x4.splat(127));
-  let m = v128.or(v128.and(bits, i32x4.splat(0x007fffff)), i32x4.splat(0x3f800000));
+  let e = i32x4.sub(i32x4.shr_u(bits, 23), I127());
+  let m = v128.or(v128.and(bits, MANT_MASK()), ONE_BITS());
   // move m from [1, 2) to [sqrt(1/2), sqrt(2)) so that t stays small
-  const big = f32x4.gt(m, f32x4.splat(1.41421356237));
-  m = v128.bitselect(f32x4.mul(m, f32x4.splat(0.5)), m, big);
+  const big = f32x4.gt(m, SQRT2());
+  m = v128.bitselect(f32x4.mul(m, HALF()), m, big);
   e = i32x4.sub(e, big); // big lanes are -1: e + 1
-  const t = f32x4.sub(m, f32x4.splat(1.0));
+  const t = f32x4.sub(m, ONE());
   const ef = f32x4.convert_i32x4_s(e);
   const z = f32x4.mul(t, t);
-  let p = f32x4.splat(7.0376836292e-2);
-  p = f32x4.add(f32x4.mul(p, t), f32x4.splat(-1.1514610310e-1));
-  p = f32x4.add(f32x4.mul(p, t), f32x4.splat(1.1676998740e-1));
-  p = f32x4.add(f32x4.mul(p, t), f32x4.splat(-1.2420140846e-1));
-  p = f32x4.add(f32x4.mul(p, t), f32x4.splat(1.4249322787e-1));
-  p = f32x4.add(f32x4.mul(p, t), f32x4.splat(-1.6668057665e-1));
-  p = f32x4.add(f32x4.mul(p, t), f32x4.splat(2.0000714765e-1));
-  p = f32x4.add(f32x4.mul(p, t), f32x4.splat(-2.4999993993e-1));
-  p = f32x4.add(f32x4.mul(p, t), f32x4.splat(3.3333331174e-1));
+  let p = LOG_P0();
+  p = f32x4.add(f32x4.mul(p, t), LOG_P1());
+  p = f32x4.add(f32x4.mul(p, t), LOG_P2());
+  p = f32x4.add(f32x4.mul(p, t), LOG_P3());
+  p = f32x4.add(f32x4.mul(p, t), LOG_P4());
+  p = f32x4.add(f32x4.mul(p, t), LOG_P5());
+  p = f32x4.add(f32x4.mul(p, t), LOG_P6());
+  p = f32x4.add(f32x4.mul(p, t), LOG_P7());
+  p = f32x4.add(f32x4.mul(p, t), LOG_P8());
   let y = f32x4.mul(f32x4.mul(p, t), z);
-  y = f32x4.add(y, f32x4.mul(ef, f32x4.splat(-2.12194440e-4)));
-  y = f32x4.sub(y, f32x4.mul(z, f32x4.splat(0.5)));
-  return f32x4.add(f32x4.add(t, y), f32x4.mul(ef, f32x4.splat(0.693359375)));
+  y = f32x4.add(y, f32x4.mul(ef, LN2_LO()));
+  y = f32x4.sub(y, f32x4.mul(z, HALF()));
+  return f32x4.add(f32x4.add(t, y), f32x4.mul(ef, LN2_HI()));
 }
 
 // log1p(u) for u >= 0: with w = 1 + u (rounded), log1p(u) = log(w) * u / (w - 1)
 // corrects the rounding of w; where w == 1, log1p(u) = u to float32 precision.
 @inline function vlog1p(u: v128): v128 {
-  const w = f32x4.add(u, f32x4.splat(1.0));
-  const d = f32x4.sub(w, f32x4.splat(1.0));
+  const w = f32x4.add(u, ONE());
+  const d = f32x4.sub(w, ONE());
   const one = f32x4.eq(d, f32x4.splat(0));
-  const l = f32x4.mul(vlogGe1(w), f32x4.div(u, v128.bitselect(f32x4.splat(1), d, one)));
+  const l = f32x4.mul(vlogGe1(w), f32x4.div(u, v128.bitselect(ONE(), d, one)));
   const y = v128.bitselect(u, l, one);
-  return v128.bitselect(u, y, f32x4.eq(u, f32x4.splat(Infinity)));
+  return v128.bitselect(u, y, f32x4.eq(u, INF()));
 }
 
 // sigmoid(x) = 1 / (1 + exp(-x))
 @inline function vsigmoid(x: v128): v128 {
-  return f32x4.div(f32x4.splat(1.0), f32x4.add(f32x4.splat(1.0), vexp(f32x4.neg(x))));
+  return f32x4.div(ONE(), f32x4.add(ONE(), vexp(f32x4.neg(x))));
 }
 
 // softplus(x) = log1p(exp(x)), and exactly x above 20 (float32 identity there,
 // and it avoids exp overflow).
 @inline function vsoftplus(x: v128): v128 {
-  const lin = f32x4.gt(x, f32x4.splat(SOFTPLUS_LINEAR));
+  const lin = f32x4.gt(x, SOFTPLUS_LIN());
   return v128.bitselect(x, vlog1p(vexp(x)), lin);
 }
 
@@ -296,47 +369,77 @@ function scoreRow(X: usize, E4: i32, fn: i32, S: usize): void {
   return b >> 31 ? ~b : b | 0x80000000;
 }
 
+// keys of 4 selection scores (see keyOf)
+@inline function vkey(r: v128): v128 {
+  const z = f32x4.add(r, f32x4.splat(0)); // -0 + 0 = +0
+  const k = v128.xor(z, v128.or(i32x4.shr_s(z, 31), SIGN_BIT()));
+  return v128.bitselect(KEY_NAN_V(), k, f32x4.ne(z, z));
+}
+
+// the selection score a key stands for (-0 comes back as +0, NaN as NaN)
+@inline function floatOfKey(k: u32): f32 {
+  if (k == KEY_NAN) return NaN;
+  return reinterpret<f32>(k & 0x80000000 ? k ^ 0x80000000 : ~k);
+}
+
+// lanes of the vector at i that hold experts (i + lane < E)
+@inline function inRow(i: i32, E: i32): v128 {
+  return i32x4.lt_s(i32x4.add(IOTA(), i32x4.splat(i)), i32x4.splat(E));
+}
+
 // keys of E values (lanes: 4 consecutive experts); pad lanes get KEY_OUT
 function keysOf(R: usize, E: i32, KEY: usize): void {
   const E4 = roundUp4(E);
-  for (let i = 0; i < E4; i += 4) {
-    const r = f32x4.add(v128.load(R + (<usize>i << 2)), f32x4.splat(0));
-    const neg = i32x4.shr_s(r, 31);
-    const k = v128.xor(r, v128.or(neg, i32x4.splat(<i32>0x80000000)));
-    v128.store(KEY + (<usize>i << 2), v128.bitselect(i32x4.splat(KEY_NAN), k, f32x4.ne(r, r)));
-  }
-  for (let i = E; i < E4; i++) store<u32>(KEY + (<usize>i << 2), KEY_OUT);
+  for (let i = 0; i < E4; i += 4) v128.store(KEY + (<usize>i << 2), vkey(v128.load(R + (<usize>i << 2))));
+  for (let i = E; i < roundUp16(E); i++) store<u32>(KEY + (<usize>i << 2), KEY_OUT);
 }
 
-// Index of the largest key in [from, to), the lowest index among equals.
-// Two passes: the maximum (lanes hold 4 consecutive keys), then its first
-// position. KEY is 16-byte aligned, so the body loops run on aligned vectors.
-function argmaxKey(KEY: usize, from: i32, to: i32): i32 {
-  let best: u32 = 0;
+// Inserts (idx, k) into the descending list CK/CI of n entries, after every
+// entry whose key is >= k (so equal keys stay in index order); the last entry
+// drops out.
+@inline function insertTop(CI: usize, CK: usize, n: i32, idx: i32, k: u32): void {
+  let p = n - 1;
+  while (p > 0) {
+    const above = load<u32>(CK + (<usize>(p - 1) << 2));
+    if (above >= k) break;
+    store<u32>(CK + (<usize>p << 2), above);
+    store<i32>(CI + (<usize>p << 2), load<i32>(CI + (<usize>(p - 1) << 2)));
+    p--;
+  }
+  store<u32>(CK + (<usize>p << 2), k);
+  store<i32>(CI + (<usize>p << 2), idx);
+}
+
+// naive top-n of KEY[from, to): one scan that keeps the n best (key, index)
+// pairs in order (key descending, ties by lower index: a later equal key
+// never displaces an earlier one). The same set and order as n rounds of
+// arg-max with masking, and O(n * E) at worst like it, but a vector of 4 keys
+// that does not beat the current n-th best (the common case once the list
+// fills) costs one compare. Entries that stay KEY_OUT are never listed while
+// n allowed keys exist, which the callers guarantee.
+function selectScan(KEY: usize, from: i32, to: i32, n: i32, CI: usize, CK: usize): void {
+  for (let j = 0; j < n; j++) store<u32>(CK + (<usize>j << 2), KEY_OUT);
+  const last = CK + (<usize>(n - 1) << 2);
+  let thr: u32 = KEY_OUT; // key of the n-th best so far
   let i = from;
-  for (; i < to && (i & 3) != 0; i++) best = max(best, load<u32>(KEY + (<usize>i << 2)));
-  let mv = i32x4.splat(0);
-  for (; i + 4 <= to; i += 4) mv = i32x4.max_u(mv, v128.load(KEY + (<usize>i << 2)));
-  for (; i < to; i++) best = max(best, load<u32>(KEY + (<usize>i << 2)));
-  best = max(max(best, max(<u32>i32x4.extract_lane(mv, 0), <u32>i32x4.extract_lane(mv, 1))), max(<u32>i32x4.extract_lane(mv, 2), <u32>i32x4.extract_lane(mv, 3)));
-  const target = i32x4.splat(best);
-  i = from;
-  for (; i < to && (i & 3) != 0; i++) if (load<u32>(KEY + (<usize>i << 2)) == best) return i;
-  for (; i + 4 <= to; i += 4) {
-    const hit = i32x4.bitmask(i32x4.eq(v128.load(KEY + (<usize>i << 2)), target));
-    if (hit) return i + ctz(hit);
+  for (; i < to && (i & 3) != 0; i++) {
+    const k = load<u32>(KEY + (<usize>i << 2));
+    if (k > thr) { insertTop(CI, CK, n, i, k); thr = load<u32>(last); }
   }
-  for (; i < to; i++) if (load<u32>(KEY + (<usize>i << 2)) == best) return i;
-  return from;
-}
-
-// naive top-K: K rounds of arg-max, each taking the expert out. Picks come
-// out in order (key descending, ties by lower index). O(K * E).
-function selectNaive(KEY: usize, E: i32, K: i32, CHOSEN: usize): void {
-  for (let k = 0; k < K; k++) {
-    const at = argmaxKey(KEY, 0, E);
-    store<i32>(CHOSEN + (<usize>k << 2), at);
-    store<u32>(KEY + (<usize>at << 2), KEY_OUT);
+  // body: lanes hold keys i .. i+3 (KEY is 16-byte aligned)
+  let tv = i32x4.splat(thr);
+  for (; i + 4 <= to; i += 4) {
+    const v = v128.load(KEY + (<usize>i << 2));
+    if (!v128.any_true(i32x4.gt_u(v, tv))) continue;
+    for (let l = 0; l < 4; l++) {
+      const k = load<u32>(KEY + (<usize>(i + l) << 2));
+      if (k > thr) { insertTop(CI, CK, n, i + l, k); thr = load<u32>(last); }
+    }
+    tv = i32x4.splat(thr);
+  }
+  for (; i < to; i++) {
+    const k = load<u32>(KEY + (<usize>i << 2));
+    if (k > thr) { insertTop(CI, CK, n, i, k); thr = load<u32>(last); }
   }
 }
 
@@ -394,35 +497,120 @@ function selectRadix(KEY: usize, E: i32, K: i32, HIST: usize, CHOSEN: usize): vo
   }
 }
 
+// CHOSEN needs room for 2 * K4 entries: indices, then the naive scan's keys.
+// KEY must be zero-padded to a multiple of 16; HIST holds max(RADIX_BINS, E16 / 4) words.
 function selectTopK(KEY: usize, E: i32, K: i32, radix: bool, HIST: usize, CHOSEN: usize): void {
   if (radix) selectRadix(KEY, E, K, HIST, CHOSEN);
-  else selectNaive(KEY, E, K, CHOSEN);
+  else selectNaive(KEY, E, K, HIST, CHOSEN);
+}
+
+@inline function hmaxU(v: v128): u32 {
+  const a = i32x4.max_u(v, i32x4.shuffle(v, v, 2, 3, 0, 1));
+  return max(<u32>i32x4.extract_lane(a, 0), <u32>i32x4.extract_lane(a, 1));
+}
+
+// naive top-K: K rounds of arg-max, each taking the winner out (key ->
+// KEY_OUT), so picks come in order: key descending, ties by lower index.
+// Two levels make a round cheap: BM holds, per block of 16 keys, the
+// lane-wise max of its 4 vectors; a round finds the largest key over the
+// block maxima, the first block holding it, the first key equal to it in
+// that block, and refreshes that block's maximum. O(K * E / 16) vector ops.
+function selectNaive(KEY: usize, E: i32, K: i32, BM: usize, CHOSEN: usize): void {
+  const nb = roundUp16(E) >> 4;
+  for (let b = 0; b < nb; b++) v128.store(BM + (<usize>b << 4), blockMax(KEY + (<usize>b << 6)));
+  for (let k = 0; k < K; k++) {
+    // largest key left (two accumulators: the max_u chain is the bound)
+    let m0 = i32x4.splat(0);
+    let m1 = i32x4.splat(0);
+    let b = 0;
+    for (; b + 2 <= nb; b += 2) {
+      m0 = i32x4.max_u(m0, v128.load(BM + (<usize>b << 4)));
+      m1 = i32x4.max_u(m1, v128.load(BM + (<usize>b << 4), 16));
+    }
+    if (b < nb) m0 = i32x4.max_u(m0, v128.load(BM + (<usize>b << 4)));
+    const best = i32x4.splat(hmaxU(i32x4.max_u(m0, m1)));
+    // first block, then first key, holding it
+    b = 0;
+    while (!v128.any_true(i32x4.eq(v128.load(BM + (<usize>b << 4)), best))) b++;
+    const blk = KEY + (<usize>b << 6);
+    let at = b << 4;
+    for (let j = 0; j < 4; j++) {
+      const hit = i32x4.bitmask(i32x4.eq(v128.load(blk + (<usize>j << 4)), best));
+      if (hit) {
+        at += (j << 2) + ctz(hit);
+        break;
+      }
+    }
+    store<i32>(CHOSEN + (<usize>k << 2), at);
+    store<u32>(KEY + (<usize>at << 2), KEY_OUT);
+    v128.store(BM + (<usize>b << 4), blockMax(blk));
+  }
+}
+
+@inline function blockMax(p: usize): v128 {
+  return i32x4.max_u(i32x4.max_u(v128.load(p), v128.load(p, 16)), i32x4.max_u(v128.load(p, 32), v128.load(p, 48)));
+}
+
+// Zeroes n 32-bit words; a plain loop, since V8's memory.fill is a call out
+// of wasm that costs more than the stores for rows this short.
+function zeroWords(p: usize, n: i32): void {
+  let i = 0;
+  for (; i + 4 <= n; i += 4) v128.store(p + (<usize>i << 2), f32x4.splat(0));
+  for (; i < n; i++) store<u32>(p + (<usize>i << 2), 0);
+}
+
+// Largest `per` keys of KEY[from, from + size) in descending order, into
+// OUT[per]. Lanes of a vector run 4 interleaved sorted lists (TOPV[per]
+// vectors, branch-free max/min insertion); the 4 * per lane winners hold
+// the group's top `per`, picked out at the end. Needs from and size to be
+// multiples of 4; other groups take the scalar scan.
+function groupTop(KEY: usize, from: i32, size: i32, per: i32, TOPV: usize, OUT: usize, CI: usize, CK: usize): void {
+  if (((from | size) & 3) != 0) {
+    selectScan(KEY, from, from + size, per, CI, CK);
+    for (let j = 0; j < per; j++) store<u32>(OUT + (<usize>j << 2), load<u32>(CK + (<usize>j << 2)));
+    return;
+  }
+  for (let j = 0; j < per; j++) v128.store(TOPV + (<usize>j << 4), f32x4.splat(0));
+  for (let i = from; i < from + size; i += 4) {
+    let v = v128.load(KEY + (<usize>i << 2));
+    for (let j = 0; j < per; j++) {
+      const p = TOPV + (<usize>j << 4);
+      const m = v128.load(p);
+      v128.store(p, i32x4.max_u(m, v));
+      v = i32x4.min_u(m, v);
+    }
+  }
+  // pick the top `per` of the 4 * per lane winners, largest first
+  const n = per << 2;
+  for (let j = 0; j < per; j++) {
+    let best: u32 = 0;
+    let at = 0;
+    for (let c = 0; c < n; c++) {
+      const k = load<u32>(TOPV + (<usize>c << 2));
+      if (k > best) { best = k; at = c; }
+    }
+    store<u32>(TOPV + (<usize>at << 2), 0);
+    store<u32>(OUT + (<usize>j << 2), best);
+  }
 }
 
 // Group limit: a group's score is the sum of its top (K / GK) selection
 // scores, added in descending order; the GK best groups are kept (equal
 // scores: lower group index), every expert outside them gets KEY_OUT.
-function limitGroups(R: usize, KEY: usize, E: i32, K: i32, G: i32, GK: i32, CHOSEN: usize, GROUP: usize): void {
+// Scratch: CHOSEN (2 * K4 entries), GROUP (G4), TOPV (K / GK vectors).
+function limitGroups(KEY: usize, E: i32, K: i32, G: i32, GK: i32, CHOSEN: usize, GROUP: usize, TOPV: usize): void {
   const size = E / G;
   const per = K / GK;
+  const CK = CHOSEN + (<usize>roundUp4(K) << 2);
+  const OUT = TOPV + (<usize>per << 4);
   for (let g = 0; g < G; g++) {
-    const from = g * size;
+    groupTop(KEY, g * size, size, per, TOPV, OUT, CHOSEN, CK);
     let sum: f32 = 0;
-    // take the group's best `per` experts out, remembering their keys in CHOSEN
-    for (let j = 0; j < per; j++) {
-      const at = argmaxKey(KEY, from, from + size);
-      sum += load<f32>(R + (<usize>at << 2));
-      store<i32>(CHOSEN + (<usize>(2 * j) << 2), at);
-      store<u32>(CHOSEN + (<usize>(2 * j + 1) << 2), load<u32>(KEY + (<usize>at << 2)));
-      store<u32>(KEY + (<usize>at << 2), KEY_OUT);
-    }
-    for (let j = 0; j < per; j++) {
-      store<u32>(KEY + (<usize>load<i32>(CHOSEN + (<usize>(2 * j) << 2)) << 2), load<u32>(CHOSEN + (<usize>(2 * j + 1) << 2)));
-    }
+    for (let j = 0; j < per; j++) sum += floatOfKey(load<u32>(OUT + (<usize>j << 2)));
     store<u32>(GROUP + (<usize>g << 2), keyOf(sum));
   }
-  // keep GK groups: take each best group out by marking it with KEY_OUT, then
-  // the groups still holding a key are the dropped ones
+  // keep GK groups: take each best group out by marking it KEY_OUT; the
+  // groups still holding a key afterwards are the dropped ones
   for (let j = 0; j < GK; j++) {
     let best: u32 = 0;
     let at = 0;
@@ -433,7 +621,7 @@ function limitGroups(R: usize, KEY: usize, E: i32, K: i32, G: i32, GK: i32, CHOS
     store<u32>(GROUP + (<usize>at << 2), KEY_OUT);
   }
   for (let g = 0; g < G; g++) {
-    if (load<u32>(GROUP + (<usize>g << 2)) != KEY_OUT) memory.fill(KEY + (<usize>(g * size) << 2), 0, <usize>size << 2);
+    if (load<u32>(GROUP + (<usize>g << 2)) != KEY_OUT) zeroWords(KEY + (<usize>(g * size) << 2), size);
   }
 }
 
@@ -502,50 +690,104 @@ export function topkForward(
   probs: usize, inter: usize, route: usize, scratch: usize,
 ): void {
   const E4 = roundUp4(E);
-  const rowF = <usize>E4 << 2;
+  const E16 = roundUp16(E);
+  const rowF = <usize>E16 << 2;
   const X = scratch;
   const S = X + rowF;
-  const R = S + rowF;
-  const KEY = R + rowF;
-  const HIST = KEY + rowF;
-  const CHOSEN = HIST + (<usize>RADIX_BINS << 2);
+  const KEY = S + rowF; // E16 keys: the naive selection reads whole blocks of 16
+  const HIST = KEY + rowF; // radix histogram, or the naive selection's block maxima
+  const CHOSEN = HIST + <usize>max(RADIX_BINS << 2, E16);
   const VAL = CHOSEN + (<usize>(2 * roundUp4(K)) << 2); // CHOSEN doubles as (index, key) pairs in limitGroups
   const GROUP = VAL + (<usize>roundUp4(K) << 2);
+  const TOPV = GROUP + (<usize>roundUp4(G) << 2); // K / GK vectors, then K / GK keys
   const radix = K >= radixThreshold;
   const inB = <usize>dtBytes(dt);
   const routeB = <usize>routeRowBytes(fmt, E, K);
   const grouped = GK > 0;
 
+  const softPost = fn == SCORE_SOFTMAX && !pre;
   for (let t = 0; t < T; t++) {
     const tt = <usize>t * <usize>E;
-    // load: widen the token's logits into X
-    widenRow(logits + tt * inB, dt, E, X);
-    // score: s = softmax / sigmoid / sqrtsoftplus of x (post-softmax selects on x)
-    const softPost = fn == SCORE_SOFTMAX && !pre;
-    const Sx = softPost ? X : S;
-    if (!softPost) scoreRow(X, E4, fn, S);
-    // bias: r = s + b for selection only
-    let Rx = Sx;
-    if (bias) {
+    const irow = inter + (tt << 2);
+    // load: float32 rows are read in place (the vector past the row end reads
+    // the next row or the region's slack, masked below); others widen into X
+    let src = logits + tt * inB;
+    if (dt != DT_F32) {
+      widenRow(src, dt, E, X);
+      src = X;
+    }
+    // score + keys, one fused pass per vector of 4 experts: s (kept for the
+    // values), the intermediate row, r = s + bias and its key. Vectors that
+    // cross the row end write into the next row's space (rewritten when that
+    // row comes) or the slack; their pad lanes get KEY_OUT.
+    let Sx = S;
+    if (fn == SCORE_SOFTMAX) {
+      // softmax: max, exp(x - max) and sum, then divide; post selects on x itself
+      if (pre) {
+        let mv = NEG_INF();
+        for (let i = 0; i < E4; i += 4) {
+          let x = v128.load(src + (<usize>i << 2));
+          if (i + 4 > E) x = v128.bitselect(x, NEG_INF(), inRow(i, E));
+          mv = f32x4.pmax(mv, x);
+        }
+        const m = f32x4.splat(hmax(mv));
+        let sv = f32x4.splat(0);
+        for (let i = 0; i < E4; i += 4) {
+          let x = v128.load(src + (<usize>i << 2));
+          if (i + 4 > E) x = v128.bitselect(x, NEG_INF(), inRow(i, E));
+          const e = vexp(f32x4.sub(x, m));
+          v128.store(irow + (<usize>i << 2), e);
+          sv = f32x4.add(sv, e);
+        }
+        const sum = f32x4.splat(hsum(sv));
+        for (let i = 0; i < E4; i += 4) {
+          const o = <usize>i << 2;
+          const s = f32x4.div(v128.load(irow + o), sum);
+          v128.store(irow + o, s);
+          v128.store(KEY + o, vkey(s));
+        }
+        Sx = irow;
+      } else {
+        for (let i = 0; i < E4; i += 4) v128.store(KEY + (<usize>i << 2), vkey(v128.load(src + (<usize>i << 2))));
+        Sx = src;
+      }
+    } else {
+      // sigmoid: the intermediate is s; sqrtsoftplus: it is x, and s goes to S
+      const sig = fn == SCORE_SIGMOID;
+      const Srow = sig ? irow : S;
       for (let i = 0; i < E4; i += 4) {
         const o = <usize>i << 2;
-        v128.store(R + o, f32x4.add(v128.load(Sx + o), v128.load(bias + o)));
+        const x = v128.load(src + o);
+        let s: v128;
+        if (sig) {
+          s = vsigmoid(x);
+        } else {
+          s = vsqrtsoftplus(x);
+          v128.store(irow + o, x);
+        }
+        v128.store(Srow + o, s);
+        v128.store(KEY + o, vkey(bias ? f32x4.add(s, v128.load(bias + o)) : s));
       }
-      Rx = R;
+      Sx = Srow;
     }
-    // select: keys, group limit, then top-K (naive or radix: identical sets)
-    keysOf(Rx, E, KEY);
-    if (grouped) limitGroups(Rx, KEY, E, K, G, GK, CHOSEN, GROUP);
+    if (E & 3) {
+      const last = (E4 - 4);
+      const p = KEY + (<usize>last << 2);
+      v128.store(p, v128.and(v128.load(p), inRow(last, E)));
+    }
+    for (let i = E4; i < E16; i += 4) v128.store(KEY + (<usize>i << 2), f32x4.splat(0));
+    // select: group limit, then top-K (naive or radix: identical sets)
+    if (grouped) limitGroups(KEY, E, K, G, GK, CHOSEN, GROUP, TOPV);
     selectTopK(KEY, E, K, radix, HIST, CHOSEN);
 
     // post-process: values of the chosen experts
     if (softPost) {
       // softmax over the K chosen logits, max-subtracted
       let m: f32 = -Infinity;
-      for (let k = 0; k < K; k++) m = max(m, load<f32>(X + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2)));
+      for (let k = 0; k < K; k++) m = max(m, load<f32>(Sx + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2)));
       let sum: f32 = 0;
       for (let k = 0; k < K; k++) {
-        const v = NativeMathf.exp(load<f32>(X + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2)) - m);
+        const v = NativeMathf.exp(load<f32>(Sx + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2)) - m);
         store<f32>(VAL + (<usize>k << 2), v);
         sum += v;
       }
@@ -554,7 +796,7 @@ export function topkForward(
       // the unbiased score, taken directly; sigmoid / sqrtsoftplus normalise when K > 1
       let sum: f32 = 0;
       for (let k = 0; k < K; k++) {
-        const v = load<f32>(S + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2));
+        const v = load<f32>(Sx + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2));
         store<f32>(VAL + (<usize>k << 2), v);
         sum += v;
       }
@@ -570,13 +812,11 @@ export function topkForward(
     for (let k = 0; k < K; k++) {
       storeAs(prow, load<i32>(CHOSEN + (<usize>k << 2)), dt, load<f32>(VAL + (<usize>k << 2)) * scale);
     }
-    // write: intermediate, saved for backward
-    const irow = inter + (tt << 2);
+    // write: intermediate (post-softmax: -inf but at the chosen experts; the
+    // others were written by the score pass)
     if (softPost) {
-      for (let i = 0; i < E; i++) store<f32>(irow + (<usize>i << 2), -Infinity);
+      for (let i = 0; i < E4; i += 4) v128.store(irow + (<usize>i << 2), NEG_INF());
       for (let k = 0; k < K; k++) store<f32>(irow + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2), load<f32>(VAL + (<usize>k << 2)));
-    } else {
-      memory.copy(irow, fn == SCORE_SQRTSOFTPLUS ? X : S, <usize>E << 2);
     }
     writeRoute(fmt, E, K, CHOSEN, route + <usize>t * routeB);
   }
@@ -671,7 +911,7 @@ export function topkBackward(
 //   sqrtsoftplus: g *= sigmoid(x) / (2 * a + eps), a = sqrtsoftplus(x);
 //   above x = 20 softplus is the identity, so its derivative is 1, not sigmoid(x).
 function activationBackward(fn: i32, Y: usize, A: usize, Gr: usize, E4: i32): void {
-  const one = f32x4.splat(1.0);
+  const one = ONE();
   for (let i = 0; i < E4; i += 4) {
     const o = <usize>i << 2;
     const y = v128.load(Y + o);
@@ -679,8 +919,8 @@ function activationBackward(fn: i32, Y: usize, A: usize, Gr: usize, E4: i32): vo
     if (fn == SCORE_SIGMOID) {
       d = f32x4.mul(y, f32x4.sub(one, y));
     } else {
-      const sg = v128.bitselect(one, vsigmoid(y), f32x4.gt(y, f32x4.splat(SOFTPLUS_LINEAR)));
-      d = f32x4.div(sg, f32x4.add(f32x4.mul(f32x4.splat(2.0), v128.load(A + o)), f32x4.splat(EPS)));
+      const sg = v128.bitselect(one, vsigmoid(y), f32x4.gt(y, SOFTPLUS_LIN()));
+      d = f32x4.div(sg, f32x4.add(f32x4.mul(TWO(), v128.load(A + o)), EPS_V()));
     }
     v128.store(Gr + o, f32x4.mul(v128.load(Gr + o), d));
   }
@@ -697,12 +937,12 @@ export function auxScoresForward(
   scores: usize, inter: usize, route: usize, scratch: usize,
 ): void {
   const E4 = roundUp4(E);
-  const rowF = <usize>E4 << 2;
+  const rowF = <usize>roundUp16(E) << 2;
   const X = scratch;
   const S = X + rowF;
   const KEY = S + 2 * rowF;
   const HIST = KEY + rowF;
-  const CHOSEN = HIST + (<usize>RADIX_BINS << 2);
+  const CHOSEN = HIST + <usize>max(RADIX_BINS << 2, roundUp16(E));
   const inB = <usize>dtBytes(dt);
   const routeB = <usize>routeRowBytes(fmt, E, K);
   const radix = K >= radixThreshold;

@@ -1,0 +1,133 @@
+/**
+ * Seeded test data: a small PRNG, normal draws, and logits whose routing is
+ * unambiguous (every selection boundary has a margin that float32 rounding
+ * differences between two correct implementations cannot cross).
+ *
+ * @module
+ */
+
+import type { FloatDType } from "../_types.ts";
+import { roundTo, routeToken } from "./reference.ts";
+import type { RefTopkOptions } from "./reference.ts";
+
+/** A PRNG: returns uniform numbers in [0, 1). */
+export type Rng = () => number;
+
+/** mulberry32: a tiny, fast, seeded 32-bit PRNG (good enough for test data). */
+export function mulberry32(seed: number): Rng {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** One standard normal draw (Box-Muller). */
+export function normal(rng: Rng): number {
+  const u = 1 - rng(); // (0, 1]: log(u) is finite
+  return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * rng());
+}
+
+/** `n` normal draws with standard deviation `scale` and mean `mean`, rounded to float32. */
+export function normals(rng: Rng, n: number, scale = 1, mean = 0): Float32Array {
+  return Float32Array.from({ length: n }, () => mean + scale * normal(rng));
+}
+
+/** Options of {@linkcode routableLogits}. */
+export interface RoutableOptions {
+  /** Standard deviation of the logits (default 1). */
+  scale?: number;
+  /** Mean of the logits (default 0). */
+  mean?: number;
+  /** Values are made representable in this dtype (default float32). */
+  dtype?: FloatDType;
+  /**
+   * Smallest relative gap allowed at a selection boundary (default 2e-6,
+   * about 30 float32 ulps): the K-th and (K+1)-th selection scores, every
+   * pair of adjacent chosen experts (so the dense order is unambiguous too),
+   * and the last kept and first dropped group.
+   */
+  margin?: number;
+  /** Draws per row before giving up (default 1000). */
+  maxDraws?: number;
+}
+
+/**
+ * Whether one token's routing is unambiguous: at each boundary, the gap
+ * between the two selection scores exceeds `margin` times the size of the
+ * terms they were computed from (|s| + |bias|, summed over a group's top
+ * experts for group scores). Two experts with identical logits and biases
+ * are an exact tie, which every implementation breaks the same way (lower
+ * index), so they are allowed.
+ */
+export function isUnambiguous(x: Float32Array, options: RefTopkOptions, margin: number): boolean {
+  const { scores, selectionScores: r, selection } = routeToken(x, options);
+  const bias = options.expertBias;
+  const size = (e: number) => Math.abs(scores[e]!) + Math.abs(bias?.[e] ?? 0);
+  const separated = (a: number, b: number, sizeA: number, sizeB: number) =>
+    Number.isFinite(a) && Number.isFinite(b) && Math.abs(a - b) > margin * Math.max(sizeA, sizeB);
+
+  const { ranked } = selection;
+  const last = Math.min(options.topk, ranked.length - 1); // compare up to the (K+1)-th
+  for (let i = 0; i < last; i++) {
+    const a = ranked[i]!;
+    const b = ranked[i + 1]!;
+    const identical = x[a] === x[b] && (bias?.[a] ?? 0) === (bias?.[b] ?? 0);
+    if (!identical && !separated(r[a]!, r[b]!, size(a), size(b))) return false;
+  }
+
+  const { groupScores, rankedGroups } = selection;
+  const GK = options.groupTopk ?? 0;
+  if (groupScores !== undefined && rankedGroups !== undefined && GK < rankedGroups.length) {
+    const groupSize = x.length / rankedGroups.length;
+    const perGroup = options.topk / GK;
+    const groupTermSize = (g: number) => {
+      const members = Array.from({ length: groupSize }, (_, i) => g * groupSize + i);
+      return members.map(size).sort((p, q) => q - p).slice(0, perGroup).reduce((p, q) => p + q, 0);
+    };
+    const kept = rankedGroups[GK - 1]!;
+    const dropped = rankedGroups[GK]!;
+    if (!separated(groupScores[kept]!, groupScores[dropped]!, groupTermSize(kept), groupTermSize(dropped))) {
+      return false;
+    }
+  }
+  return true;
+}
+
+/**
+ * Normal logits [T, E] (float32 values, representable in `dtype`) whose
+ * routing under `options` is unambiguous: each row is re-drawn until
+ * {@linkcode isUnambiguous} holds.
+ *
+ * @throws {Error} When a row is still ambiguous after `maxDraws` draws.
+ */
+export function routableLogits(
+  rng: Rng,
+  tokens: number,
+  experts: number,
+  options: RefTopkOptions,
+  generation: RoutableOptions = {},
+): Float32Array {
+  const { scale = 1, mean = 0, dtype = "float32", margin = 2e-6, maxDraws = 1000 } = generation;
+  const logits = new Float32Array(tokens * experts);
+  for (let t = 0; t < tokens; t++) {
+    for (let draw = 0;; draw++) {
+      if (draw === maxDraws) {
+        throw new Error(
+          `no unambiguous row in ${maxDraws} draws for E=${experts} ${
+            JSON.stringify({ ...options, expertBias: options.expertBias && "[bias]" })
+          }`,
+        );
+      }
+      const row = roundTo(normals(rng, experts, scale, mean), dtype);
+      if (isUnambiguous(row, options, margin)) {
+        logits.set(row, t * experts);
+        break;
+      }
+    }
+  }
+  return logits;
+}

@@ -144,7 +144,11 @@ function positiveInt(name: string, v: unknown): number {
 
 function tokensAndExperts(name: string, t: FloatTensor): { T: number; E: number } {
   const E = t.shape[t.shape.length - 1] ?? 0;
-  if (E <= 0) throw new RangeError(`${name} must have at least one expert (last dimension > 0), got shape [${t.shape.join(", ")}]`);
+  if (E <= 0) {
+    throw new RangeError(
+      `${name} must have at least one expert (last dimension > 0), got shape [${t.shape.join(", ")}]`,
+    );
+  }
   return { T: t.data.length / E, E };
 }
 
@@ -193,7 +197,9 @@ export function planTopk(logits: unknown, options: unknown): TopkPlan {
   const pre = o.usePreSoftmax ?? false;
   if (typeof pre !== "boolean") throw new TypeError(`usePreSoftmax must be a boolean, got ${describe(pre)}`);
   if (pre && score !== "softmax") {
-    throw new TypeError(`usePreSoftmax applies to scoreFunction "softmax" only, got scoreFunction ${JSON.stringify(score)}`);
+    throw new TypeError(
+      `usePreSoftmax applies to scoreFunction "softmax" only, got scoreFunction ${JSON.stringify(score)}`,
+    );
   }
 
   // group limit: on when groupTopk is given and > 0 (numGroups alone is ignored, as in TransformerEngine)
@@ -201,14 +207,18 @@ export function planTopk(logits: unknown, options: unknown): TopkPlan {
   let groupTopk = 0;
   if (o.groupTopk !== undefined && o.groupTopk !== 0) {
     groupTopk = positiveInt("groupTopk", o.groupTopk);
-    if (o.numGroups === undefined) throw new RangeError(`numGroups must be given with groupTopk=${groupTopk}, got undefined`);
+    if (o.numGroups === undefined) {
+      throw new RangeError(`numGroups must be given with groupTopk=${groupTopk}, got undefined`);
+    }
     numGroups = positiveInt("numGroups", o.numGroups);
     if (groupTopk > numGroups) throw new RangeError(`groupTopk must be <= numGroups=${numGroups}, got ${groupTopk}`);
     if (E % numGroups !== 0) throw new RangeError(`numGroups must divide numExperts=${E}, got ${numGroups}`);
     if (K % groupTopk !== 0) throw new RangeError(`groupTopk must divide topk=${K}, got ${groupTopk}`);
     if (K / groupTopk > E / numGroups) {
       throw new RangeError(
-        `topk / groupTopk must be <= experts per group (${E}/${numGroups}=${E / numGroups}), got ${K}/${groupTopk}=${K / groupTopk}`,
+        `topk / groupTopk must be <= experts per group (${E}/${numGroups}=${E / numGroups}), got ${K}/${groupTopk}=${
+          K / groupTopk
+        }`,
       );
     }
   } else if (o.numGroups !== undefined) {
@@ -223,7 +233,9 @@ export function planTopk(logits: unknown, options: unknown): TopkPlan {
   let bias: Float32Array | null = null;
   if (o.expertBias !== undefined) {
     if (score === "softmax") {
-      throw new TypeError(`expertBias is supported with scoreFunction sigmoid or sqrtsoftplus only, got scoreFunction "softmax"`);
+      throw new TypeError(
+        `expertBias is supported with scoreFunction sigmoid or sqrtsoftplus only, got scoreFunction "softmax"`,
+      );
     }
     checkFloatTensor("expertBias", o.expertBias);
     if (o.expertBias.shape.length !== 1 || o.expertBias.shape[0] !== E) {
@@ -243,13 +255,19 @@ export function planTopk(logits: unknown, options: unknown): TopkPlan {
   if (o.indicesOut !== undefined) {
     const dt = INDEX_ARRAY_DTYPE.get((o.indicesOut as object | null)?.constructor);
     if (dt === undefined) {
-      throw new TypeError(`indicesOut must be an Int16Array, Int32Array or BigInt64Array, got ${describe(o.indicesOut)}`);
+      throw new TypeError(
+        `indicesOut must be an Int16Array, Int32Array or BigInt64Array, got ${describe(o.indicesOut)}`,
+      );
     }
     if (o.indexDtype !== undefined && dt !== o.indexDtype) {
-      throw new TypeError(`indicesOut must be the ${o.indexDtype} array indexDtype asks for, got ${describe(o.indicesOut)}`);
+      throw new TypeError(
+        `indicesOut must be the ${o.indexDtype} array indexDtype asks for, got ${describe(o.indicesOut)}`,
+      );
     }
     if (o.indicesOut.length !== T * K) {
-      throw new TypeError(`indicesOut must have tokens*topk = ${T}*${K} = ${T * K} elements, got ${o.indicesOut.length}`);
+      throw new TypeError(
+        `indicesOut must have tokens*topk = ${T}*${K} = ${T * K} elements, got ${o.indicesOut.length}`,
+      );
     }
     if (overlaps(o.indicesOut, logits.data)) {
       throw new TypeError(`indicesOut must not share memory with logits.data`);
@@ -318,11 +336,15 @@ export function planAuxLoss(probs: unknown, tokensPerExpert: unknown, options: u
   }
   const ctor = ARRAY_OF[tpe.dtype];
   if (ctor === undefined || !(tpe.data instanceof ctor)) {
-    throw new TypeError(`tokensPerExpert.data must be a ${ctor?.name} for dtype ${tpe.dtype}, got ${describe(tpe.data)}`);
+    throw new TypeError(
+      `tokensPerExpert.data must be a ${ctor?.name} for dtype ${tpe.dtype}, got ${describe(tpe.data)}`,
+    );
   }
   checkShape("tokensPerExpert", tpe);
   if (tpe.shape.length !== 1 || tpe.shape[0] !== cols) {
-    throw new TypeError(`tokensPerExpert.shape must be [${cols}] (the columns of probs), got [${tpe.shape.join(", ")}]`);
+    throw new TypeError(
+      `tokensPerExpert.shape must be [${cols}] (the columns of probs), got [${tpe.shape.join(", ")}]`,
+    );
   }
   const numExperts = positiveInt("numExperts", o.numExperts);
   if (cols % numExperts !== 0) {
@@ -345,11 +367,20 @@ export function planAuxLoss(probs: unknown, tokensPerExpert: unknown, options: u
 }
 
 /** Checks a gradient tensor against the forward's shape and dtype. */
-export function checkGrad(name: string, grad: unknown, shape: readonly number[], dtype: FloatDType): asserts grad is FloatTensor {
+export function checkGrad(
+  name: string,
+  grad: unknown,
+  shape: readonly number[],
+  dtype: FloatDType,
+): asserts grad is FloatTensor {
   checkFloatTensor(name, grad, shape.length > 0);
-  if (grad.dtype !== dtype) throw new TypeError(`${name}.dtype must be ${dtype} (the forward's dtype), got ${grad.dtype}`);
+  if (grad.dtype !== dtype) {
+    throw new TypeError(`${name}.dtype must be ${dtype} (the forward's dtype), got ${grad.dtype}`);
+  }
   if (grad.shape.length !== shape.length || grad.shape.some((d, i) => d !== shape[i])) {
-    throw new TypeError(`${name}.shape must be [${shape.join(", ")}] (the forward's shape), got [${grad.shape.join(", ")}]`);
+    throw new TypeError(
+      `${name}.shape must be [${shape.join(", ")}] (the forward's shape), got [${grad.shape.join(", ")}]`,
+    );
   }
 }
 

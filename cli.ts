@@ -60,8 +60,18 @@ const FLAGS: Record<string, "value" | "switch"> = {
 
 const ALLOWED: Record<string, readonly string[]> = {
   topk: [
-    "logits", "topk", "score-function", "pre-softmax", "num-groups", "group-topk", "scaling-factor",
-    "expert-bias", "routing-map-format", "index-dtype", "grad-probs", "radix-topk-threshold",
+    "logits",
+    "topk",
+    "score-function",
+    "pre-softmax",
+    "num-groups",
+    "group-topk",
+    "scaling-factor",
+    "expert-bias",
+    "routing-map-format",
+    "index-dtype",
+    "grad-probs",
+    "radix-topk-threshold",
   ],
   "aux-scores": ["logits", "topk", "score-function", "routing-map-format", "grad-scores", "radix-topk-threshold"],
   "aux-loss": ["probs", "tokens-per-expert", "total-num-tokens", "num-experts", "topk", "coeff", "grad-aux-loss"],
@@ -106,7 +116,9 @@ function integer(flags: Map<string, string>, name: string, required = true): num
   const raw = required ? need(flags, name) : flags.get(name);
   if (raw === undefined) return undefined;
   const v = Number(raw);
-  if (raw.trim() === "" || !Number.isInteger(v)) throw new CliError(`--${name} must be an integer, got ${JSON.stringify(raw)}`);
+  if (raw.trim() === "" || !Number.isInteger(v)) {
+    throw new CliError(`--${name} must be an integer, got ${JSON.stringify(raw)}`);
+  }
   return v;
 }
 
@@ -114,7 +126,9 @@ function number(flags: Map<string, string>, name: string, required = true): numb
   const raw = required ? need(flags, name) : flags.get(name);
   if (raw === undefined) return undefined;
   const v = Number(raw);
-  if (raw.trim() === "" || !Number.isFinite(v)) throw new CliError(`--${name} must be a finite number, got ${JSON.stringify(raw)}`);
+  if (raw.trim() === "" || !Number.isFinite(v)) {
+    throw new CliError(`--${name} must be a finite number, got ${JSON.stringify(raw)}`);
+  }
   return v;
 }
 
@@ -165,7 +179,9 @@ export async function runCli(args: readonly string[], io: CliIO = consoleIO): Pr
     }
     const op = flags.get("op") ?? "topk";
     const allowed = ALLOWED[op];
-    if (allowed === undefined) throw new CliError(`--op must be topk, aux-scores or aux-loss, got ${JSON.stringify(op)}`);
+    if (allowed === undefined) {
+      throw new CliError(`--op must be topk, aux-scores or aux-loss, got ${JSON.stringify(op)}`);
+    }
     for (const name of flags.keys()) {
       if (name !== "op" && name !== "backend" && name !== "out" && !allowed.includes(name)) {
         throw new CliError(`--${name} does not apply to --op ${op}`);
@@ -215,7 +231,9 @@ async function topk(router: Router, flags: Map<string, string>): Promise<Outputs
   const numGroups = integer(flags, "num-groups", false);
   const groupTopk = integer(flags, "group-topk", false);
   if ((numGroups === undefined) !== (groupTopk === undefined)) {
-    throw new CliError(`--num-groups and --group-topk go together, got only --${numGroups === undefined ? "group-topk" : "num-groups"}`);
+    throw new CliError(
+      `--num-groups and --group-topk go together, got only --${numGroups === undefined ? "group-topk" : "num-groups"}`,
+    );
   }
   if (numGroups !== undefined) options.numGroups = numGroups;
   if (groupTopk !== undefined) options.groupTopk = groupTopk;
@@ -258,8 +276,13 @@ async function auxScores(router: Router, flags: Map<string, string>): Promise<Ou
   const gradPath = flags.get("grad-scores");
   if (gradPath !== undefined) {
     const grad = await readNpy("grad-scores", gradPath);
-    if (grad.dtype !== "float32") throw new CliError(`--grad-scores: ${gradPath} must hold float32 (<f4), got ${grad.dtype}`);
-    files.set("grad_logits.npy", asNpy(await router.fusedComputeScoreForMoEAuxLossBackward(r.saved, grad as Tensor<"float32">)));
+    if (grad.dtype !== "float32") {
+      throw new CliError(`--grad-scores: ${gradPath} must hold float32 (<f4), got ${grad.dtype}`);
+    }
+    files.set(
+      "grad_logits.npy",
+      asNpy(await router.fusedComputeScoreForMoEAuxLossBackward(r.saved, grad as Tensor<"float32">)),
+    );
   }
   return files;
 }
@@ -275,7 +298,10 @@ async function auxLoss(router: Router, flags: Map<string, string>): Promise<Outp
   });
   const files: Outputs = new Map();
   files.set("aux_loss.npy", asNpy(r.loss));
-  files.set("grad_probs.npy", asNpy(await router.fusedMoEAuxLossBackward(r.saved, number(flags, "grad-aux-loss", false) ?? 1)));
+  files.set(
+    "grad_probs.npy",
+    asNpy(await router.fusedMoEAuxLossBackward(r.saved, number(flags, "grad-aux-loss", false) ?? 1)),
+  );
   return files;
 }
 
@@ -321,7 +347,9 @@ async function demo(router: Router, io: CliIO): Promise<void> {
     expertBias: bias,
     indexDtype: "int32",
   };
-  io.out(`moe-router demo: ${T} tokens x ${E} experts, top-${K}, sigmoid, ${DEMO.groups} groups / top-${DEMO.groupTopk}, bias, scale ${DEMO.scale}`);
+  io.out(
+    `moe-router demo: ${T} tokens x ${E} experts, top-${K}, sigmoid, ${DEMO.groups} groups / top-${DEMO.groupTopk}, bias, scale ${DEMO.scale}`,
+  );
   io.out(`backend: ${router.backend} (${router.reason})`);
   // the first call pays for memory growth; time the second
   await router.fusedTopkWithScoreFunction(logits, options);
@@ -332,7 +360,11 @@ async function demo(router: Router, io: CliIO): Promise<void> {
   t0 = performance.now();
   await router.fusedTopkWithScoreFunctionBackward(r.saved, grad);
   const bwd = performance.now() - t0;
-  io.out(`forward ${fwd.toFixed(2)} ms (${((fwd * 1e6) / (T * E)).toFixed(2)} ns per token x expert), backward ${bwd.toFixed(2)} ms`);
+  io.out(
+    `forward ${fwd.toFixed(2)} ms (${((fwd * 1e6) / (T * E)).toFixed(2)} ns per token x expert), backward ${
+      bwd.toFixed(2)
+    } ms`,
+  );
 
   const load = new Float64Array(E);
   const groupsUsed = new Float64Array(DEMO.groups);
@@ -349,7 +381,11 @@ async function demo(router: Router, io: CliIO): Promise<void> {
   const mean = (T * K) / E;
   const sorted = [...load].sort((a, b) => a - b);
   const cv = Math.sqrt(load.reduce((s, v) => s + (v - mean) ** 2, 0) / E) / mean;
-  io.out(`load per expert (tokens): min ${sorted[0]} / median ${sorted[E >> 1]} / max ${sorted[E - 1]}, mean ${mean}, coefficient of variation ${cv.toFixed(3)}`);
+  io.out(
+    `load per expert (tokens): min ${sorted[0]} / median ${sorted[E >> 1]} / max ${
+      sorted[E - 1]
+    }, mean ${mean}, coefficient of variation ${cv.toFixed(3)}`,
+  );
   const busiest = [...load.keys()].sort((a, b) => (load[b] as number) - (load[a] as number)).slice(0, 5);
   io.out(`busiest experts: ${busiest.map((e) => `${e} (${load[e]})`).join(", ")}`);
   io.out(`tokens per group: ${[...groupsUsed].join(" ")} (each token uses <= ${DEMO.groupTopk} groups)`);

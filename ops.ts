@@ -75,7 +75,10 @@ export async function fusedTopkWithScoreFunction(logits: FloatTensor, options: T
  * assert.ok(grad.data[2]! > 0 && grad.data[3]! < 0);
  * ```
  */
-export async function fusedTopkWithScoreFunctionBackward(saved: SavedState, gradProbs: FloatTensor): Promise<FloatTensor> {
+export async function fusedTopkWithScoreFunctionBackward(
+  saved: SavedState,
+  gradProbs: FloatTensor,
+): Promise<FloatTensor> {
   return (await router()).fusedTopkWithScoreFunctionBackward(saved, gradProbs);
 }
 

@@ -203,7 +203,9 @@ function scalarOf(v: number | FloatTensor): number {
   if (typeof v === "number") return v;
   if (typeof v === "object" && v !== null && ArrayBuffer.isView(v.data) && v.data.length === 1) {
     const d = v.data;
-    if (d instanceof Uint16Array) return new Float32Array(new Uint32Array([(d[0] as number) << 16]).buffer)[0] as number;
+    if (d instanceof Uint16Array) {
+      return new Float32Array(new Uint32Array([(d[0] as number) << 16]).buffer)[0] as number;
+    }
     return Number(d[0]);
   }
   throw new TypeError(`gradLoss must be a number or a one-element float tensor, got ${describe(v)}`);

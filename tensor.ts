@@ -91,7 +91,11 @@ export function tensor<D extends DType>(
   const t = { data, shape: [...shape], dtype: d };
   checkShape("tensor", t);
   if (ARRAY_OF[d] === undefined || data.constructor !== ARRAY_OF[d]) {
-    throw new TypeError(`tensor dtype ${d} needs ${ARRAY_OF[d]?.name ?? "a Float16Array (missing in this runtime)"} data, got ${describe(data)}`);
+    throw new TypeError(
+      `tensor dtype ${d} needs ${ARRAY_OF[d]?.name ?? "a Float16Array (missing in this runtime)"} data, got ${
+        describe(data)
+      }`,
+    );
   }
   return t;
 }

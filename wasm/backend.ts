@@ -15,21 +15,63 @@ interface Kernels {
   scratchBytes(E: number, K: number, G: number): number;
   mathCheck(kind: number, ptr: number, n: number): void;
   topkForward(
-    logits: number, dt: number, T: number, E: number, K: number,
-    fn: number, pre: number, G: number, GK: number, scale: number, bias: number,
-    fmt: number, radixThreshold: number,
-    probs: number, inter: number, route: number, scratch: number,
+    logits: number,
+    dt: number,
+    T: number,
+    E: number,
+    K: number,
+    fn: number,
+    pre: number,
+    G: number,
+    GK: number,
+    scale: number,
+    bias: number,
+    fmt: number,
+    radixThreshold: number,
+    probs: number,
+    inter: number,
+    route: number,
+    scratch: number,
   ): void;
   topkBackward(
-    grad: number, dt: number, T: number, E: number, K: number,
-    fn: number, pre: number, scale: number,
-    inter: number, fmt: number, route: number, out: number, scratch: number,
+    grad: number,
+    dt: number,
+    T: number,
+    E: number,
+    K: number,
+    fn: number,
+    pre: number,
+    scale: number,
+    inter: number,
+    fmt: number,
+    route: number,
+    out: number,
+    scratch: number,
   ): void;
   auxScoresForward(
-    logits: number, dt: number, T: number, E: number, K: number, fn: number, fmt: number, radixThreshold: number,
-    scores: number, inter: number, route: number, scratch: number,
+    logits: number,
+    dt: number,
+    T: number,
+    E: number,
+    K: number,
+    fn: number,
+    fmt: number,
+    radixThreshold: number,
+    scores: number,
+    inter: number,
+    route: number,
+    scratch: number,
   ): void;
-  auxScoresBackward(grad: number, T: number, E: number, fn: number, inter: number, dt: number, out: number, scratch: number): void;
+  auxScoresBackward(
+    grad: number,
+    T: number,
+    E: number,
+    fn: number,
+    inter: number,
+    dt: number,
+    out: number,
+    scratch: number,
+  ): void;
   auxLossSum(probs: number, dt: number, rows: number, cols: number, tpe: number, colsum: number): number;
   auxLossBackward(g: number, rows: number, cols: number, tpe: number, dt: number, out: number, scratch: number): void;
 }
@@ -185,10 +227,23 @@ export class WasmBackend implements Backend {
       const m = Math.min(n, T - t0);
       this.#put(inP, logits.data, t0 * E, m * E);
       k.topkForward(
-        inP, DT[dtype], m, E, K,
-        SCORE[plan.score], plan.pre ? 1 : 0, plan.numGroups, plan.groupTopk, plan.scale, bias,
-        ROUTE[route], plan.radixThreshold,
-        probsP, interP, routeP, scratch,
+        inP,
+        DT[dtype],
+        m,
+        E,
+        K,
+        SCORE[plan.score],
+        plan.pre ? 1 : 0,
+        plan.numGroups,
+        plan.groupTopk,
+        plan.scale,
+        bias,
+        ROUTE[route],
+        plan.radixThreshold,
+        probsP,
+        interP,
+        routeP,
+        scratch,
       );
       this.#get(probsP, probs, t0 * E, m * E);
       this.#get(interP, intermediate, t0 * E, m * E);
@@ -221,8 +276,19 @@ export class WasmBackend implements Backend {
       this.#put(interP, saved.intermediate, t0 * E, m * E);
       this.#put(routeP, saved.route, t0 * routeElems, m * routeElems);
       k.topkBackward(
-        gradP, DT[dtype], m, E, K, SCORE[plan.score], plan.pre ? 1 : 0, plan.scale,
-        interP, ROUTE[route], routeP, outP, scratch,
+        gradP,
+        DT[dtype],
+        m,
+        E,
+        K,
+        SCORE[plan.score],
+        plan.pre ? 1 : 0,
+        plan.scale,
+        interP,
+        ROUTE[route],
+        routeP,
+        outP,
+        scratch,
       );
       this.#get(outP, out, t0 * E, m * E);
     }
@@ -249,8 +315,18 @@ export class WasmBackend implements Backend {
       const m = Math.min(n, T - t0);
       this.#put(inP, logits.data, t0 * E, m * E);
       k.auxScoresForward(
-        inP, DT[dtype], m, E, K, SCORE[plan.score], ROUTE[route], plan.radixThreshold,
-        scoresP, interP, routeP, scratch,
+        inP,
+        DT[dtype],
+        m,
+        E,
+        K,
+        SCORE[plan.score],
+        ROUTE[route],
+        plan.radixThreshold,
+        scoresP,
+        interP,
+        routeP,
+        scratch,
       );
       this.#get(scoresP, scores, t0 * E, m * E);
       this.#get(interP, intermediate, t0 * E, m * E);

@@ -15,12 +15,17 @@ const target = new URL("_router_wasm.ts", here);
 const asc = new URL("../node_modules/assemblyscript/bin/asc.js", here);
 
 const FLAGS = [
-  "--optimizeLevel", "3",
-  "--shrinkLevel", "0",
-  "--runtime", "stub",
+  "--optimizeLevel",
+  "3",
+  "--shrinkLevel",
+  "0",
+  "--runtime",
+  "stub",
   "--noAssert",
-  "--use", "abort=",
-  "--enable", "simd",
+  "--use",
+  "abort=",
+  "--enable",
+  "simd",
 ];
 
 const tmp = await Deno.makeTempDir();

@@ -499,9 +499,9 @@ function selectRadix(KEY: usize, E: i32, K: i32, HIST: usize, CHOSEN: usize): vo
 
 // CHOSEN needs room for 2 * K4 entries: indices, then the naive scan's keys.
 // KEY must be zero-padded to a multiple of 16; HIST holds max(RADIX_BINS, E16 / 4) words.
-function selectTopK(KEY: usize, E: i32, K: i32, radix: bool, HIST: usize, CHOSEN: usize): void {
+function selectTopK(KEY: usize, E: i32, K: i32, radix: bool, HIST: usize, CHOSEN: usize, built: bool): void {
   if (radix) selectRadix(KEY, E, K, HIST, CHOSEN);
-  else selectNaive(KEY, E, K, HIST, CHOSEN);
+  else selectNaive(KEY, E, K, HIST, CHOSEN, built);
 }
 
 @inline function hmaxU(v: v128): u32 {
@@ -512,39 +512,49 @@ function selectTopK(KEY: usize, E: i32, K: i32, radix: bool, HIST: usize, CHOSEN
 // naive top-K: K rounds of arg-max, each taking the winner out (key ->
 // KEY_OUT), so picks come in order: key descending, ties by lower index.
 // Two levels make a round cheap: BM holds, per block of 16 keys, the
-// lane-wise max of its 4 vectors; a round finds the largest key over the
-// block maxima, the first block holding it, the first key equal to it in
-// that block, and refreshes that block's maximum. O(K * E / 16) vector ops.
-function selectNaive(KEY: usize, E: i32, K: i32, BM: usize, CHOSEN: usize): void {
+// lane-wise max of its 4 vectors (see popMax). O(K * E / 16) vector ops.
+// `built`: BM is already up to date (the group limit made it).
+function selectNaive(KEY: usize, E: i32, K: i32, BM: usize, CHOSEN: usize, built: bool): void {
   const nb = roundUp16(E) >> 4;
-  for (let b = 0; b < nb; b++) v128.store(BM + (<usize>b << 4), blockMax(KEY + (<usize>b << 6)));
-  for (let k = 0; k < K; k++) {
-    // largest key left (two accumulators: the max_u chain is the bound)
-    let m0 = i32x4.splat(0);
-    let m1 = i32x4.splat(0);
-    let b = 0;
-    for (; b + 2 <= nb; b += 2) {
-      m0 = i32x4.max_u(m0, v128.load(BM + (<usize>b << 4)));
-      m1 = i32x4.max_u(m1, v128.load(BM + (<usize>b << 4), 16));
-    }
-    if (b < nb) m0 = i32x4.max_u(m0, v128.load(BM + (<usize>b << 4)));
-    const best = i32x4.splat(hmaxU(i32x4.max_u(m0, m1)));
-    // first block, then first key, holding it
-    b = 0;
-    while (!v128.any_true(i32x4.eq(v128.load(BM + (<usize>b << 4)), best))) b++;
-    const blk = KEY + (<usize>b << 6);
-    let at = b << 4;
-    for (let j = 0; j < 4; j++) {
-      const hit = i32x4.bitmask(i32x4.eq(v128.load(blk + (<usize>j << 4)), best));
-      if (hit) {
-        at += (j << 2) + ctz(hit);
-        break;
-      }
-    }
-    store<i32>(CHOSEN + (<usize>k << 2), at);
-    store<u32>(KEY + (<usize>at << 2), KEY_OUT);
-    v128.store(BM + (<usize>b << 4), blockMax(blk));
+  if (!built) buildBlockMax(KEY, 0, nb, BM);
+  for (let k = 0; k < K; k++) store<i32>(CHOSEN + (<usize>k << 2), popMax(KEY, BM, 0, nb, 0));
+}
+
+function buildBlockMax(KEY: usize, b0: i32, b1: i32, BM: usize): void {
+  for (let b = b0; b < b1; b++) v128.store(BM + (<usize>b << 4), blockMax(KEY + (<usize>b << 6)));
+}
+
+// One arg-max round over the blocks [b0, b1): the largest key over their
+// maxima, the first block holding it, the first key equal to it in that
+// block; the key is taken out (KEY_OUT) and the block's maximum refreshed.
+// Returns the expert index; writes the key to keyOut when it is not 0.
+function popMax(KEY: usize, BM: usize, b0: i32, b1: i32, keyOut: usize): i32 {
+  // two accumulators: the max_u chain is the bound
+  let m0 = i32x4.splat(0);
+  let m1 = i32x4.splat(0);
+  let b = b0;
+  for (; b + 2 <= b1; b += 2) {
+    m0 = i32x4.max_u(m0, v128.load(BM + (<usize>b << 4)));
+    m1 = i32x4.max_u(m1, v128.load(BM + (<usize>b << 4), 16));
   }
+  if (b < b1) m0 = i32x4.max_u(m0, v128.load(BM + (<usize>b << 4)));
+  const top = hmaxU(i32x4.max_u(m0, m1));
+  const best = i32x4.splat(top);
+  b = b0;
+  while (!v128.any_true(i32x4.eq(v128.load(BM + (<usize>b << 4)), best))) b++;
+  const blk = KEY + (<usize>b << 6);
+  let at = b << 4;
+  for (let j = 0; j < 4; j++) {
+    const hit = i32x4.bitmask(i32x4.eq(v128.load(blk + (<usize>j << 4)), best));
+    if (hit) {
+      at += (j << 2) + ctz(hit);
+      break;
+    }
+  }
+  store<u32>(KEY + (<usize>at << 2), KEY_OUT);
+  v128.store(BM + (<usize>b << 4), blockMax(blk));
+  if (keyOut) store<u32>(keyOut, top);
+  return at;
 }
 
 @inline function blockMax(p: usize): v128 {
@@ -596,15 +606,36 @@ function groupTop(KEY: usize, from: i32, size: i32, per: i32, TOPV: usize, OUT: 
 
 // Group limit: a group's score is the sum of its top (K / GK) selection
 // scores, added in descending order; the GK best groups are kept (equal
-// scores: lower group index), every expert outside them gets KEY_OUT.
-// Scratch: CHOSEN (2 * K4 entries), GROUP (G4), TOPV (K / GK vectors).
-function limitGroups(KEY: usize, E: i32, K: i32, G: i32, GK: i32, CHOSEN: usize, GROUP: usize, TOPV: usize): void {
+// scores: lower group index), every expert outside them is taken out.
+// Groups of a multiple of 16 experts use the block maxima BM (arg-max rounds
+// whose picks are put back afterwards); then a dropped group is taken out by
+// zeroing its block maxima when the naive selection follows (returns true:
+// BM is built), or its keys when the radix selection does. Other group sizes
+// use the per-lane lists of groupTop.
+// Scratch: CHOSEN (2 * K4 entries), GROUP (G4), TOPV (K / GK vectors + keys).
+function limitGroups(
+  KEY: usize, E: i32, K: i32, G: i32, GK: i32, radix: bool,
+  CHOSEN: usize, GROUP: usize, TOPV: usize, BM: usize,
+): bool {
   const size = E / G;
   const per = K / GK;
   const CK = CHOSEN + (<usize>roundUp4(K) << 2);
   const OUT = TOPV + (<usize>per << 4);
+  const blocks = (size & 15) == 0;
+  const bs = size >> 4;
+  if (blocks) buildBlockMax(KEY, 0, roundUp16(E) >> 4, BM);
   for (let g = 0; g < G; g++) {
-    groupTop(KEY, g * size, size, per, TOPV, OUT, CHOSEN, CK);
+    if (blocks) {
+      for (let j = 0; j < per; j++) {
+        store<i32>(CHOSEN + (<usize>j << 2), popMax(KEY, BM, g * bs, (g + 1) * bs, OUT + (<usize>j << 2)));
+      }
+      for (let j = 0; j < per; j++) {
+        store<u32>(KEY + (<usize>load<i32>(CHOSEN + (<usize>j << 2)) << 2), load<u32>(OUT + (<usize>j << 2)));
+      }
+      buildBlockMax(KEY, g * bs, (g + 1) * bs, BM);
+    } else {
+      groupTop(KEY, g * size, size, per, TOPV, OUT, CHOSEN, CK);
+    }
     let sum: f32 = 0;
     for (let j = 0; j < per; j++) sum += floatOfKey(load<u32>(OUT + (<usize>j << 2)));
     store<u32>(GROUP + (<usize>g << 2), keyOf(sum));
@@ -620,9 +651,13 @@ function limitGroups(KEY: usize, E: i32, K: i32, G: i32, GK: i32, CHOSEN: usize,
     }
     store<u32>(GROUP + (<usize>at << 2), KEY_OUT);
   }
+  const viaBlocks = blocks && !radix;
   for (let g = 0; g < G; g++) {
-    if (load<u32>(GROUP + (<usize>g << 2)) != KEY_OUT) zeroWords(KEY + (<usize>(g * size) << 2), size);
+    if (load<u32>(GROUP + (<usize>g << 2)) == KEY_OUT) continue;
+    if (viaBlocks) zeroWords(BM + (<usize>(g * bs) << 4), bs << 2);
+    else zeroWords(KEY + (<usize>(g * size) << 2), size);
   }
+  return viaBlocks;
 }
 
 // ---- routing output ------------------------------------------------------------
@@ -777,8 +812,8 @@ export function topkForward(
     }
     for (let i = E4; i < E16; i += 4) v128.store(KEY + (<usize>i << 2), f32x4.splat(0));
     // select: group limit, then top-K (naive or radix: identical sets)
-    if (grouped) limitGroups(KEY, E, K, G, GK, CHOSEN, GROUP, TOPV);
-    selectTopK(KEY, E, K, radix, HIST, CHOSEN);
+    const built = grouped && limitGroups(KEY, E, K, G, GK, radix, CHOSEN, GROUP, TOPV, HIST);
+    selectTopK(KEY, E, K, radix, HIST, CHOSEN, built);
 
     // post-process: values of the chosen experts
     if (softPost) {
@@ -964,7 +999,7 @@ export function auxScoresForward(
     }
     memory.copy(scores + (tt << 2), S, <usize>E << 2);
     keysOf(S, E, KEY);
-    selectTopK(KEY, E, K, radix, HIST, CHOSEN);
+    selectTopK(KEY, E, K, radix, HIST, CHOSEN, false);
     writeRoute(fmt, E, K, CHOSEN, route + <usize>t * routeB);
   }
 }

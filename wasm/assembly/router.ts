@@ -58,8 +58,10 @@ const KEY_NAN: u32 = 1;
 
 /** Bytes of scratch one token needs; the host reserves this once per call. */
 export function scratchBytes(E: i32, K: i32, G: i32): i32 {
-  const e4 = roundUp16(E) << 2;
-  return 4 * e4 + max(RADIX_BINS << 2, roundUp16(E)) + e4 + 3 * (roundUp4(K) << 2) + (roundUp4(G) << 2) + 20 * roundUp4(K) + 64;
+  const row = roundUp16(E) << 2; // X, S, KEY (topk) or G, Y, M, A (backward)
+  const k4 = roundUp4(K) << 2; // CHOSEN (2x), VAL
+  const g4 = roundUp4(G) << 2; // GROUP (2x)
+  return 4 * row + max(RADIX_BINS << 2, roundUp16(E)) + 3 * k4 + 2 * g4 + 5 * k4 + 64;
 }
 
 /** First free byte of linear memory: the host lays out its regions above it. */
@@ -604,6 +606,114 @@ function groupTop(KEY: usize, from: i32, size: i32, per: i32, TOPV: usize, OUT: 
   }
 }
 
+// ---- fast naive path: threshold filter ----------------------------------------
+//
+// For K <= 8 without groups, and for groups of a multiple of 4 experts with
+// K / GK <= 2, the top K come from a filter instead of K arg-max rounds:
+// (1) per-lane top-2 lists (4 lanes x 2 keys, branch-free max / min) give a
+// lower bound T0 of the K-th largest allowed key, since at least K distinct
+// allowed keys are >= T0; (2) one scan, in index order, offers every key
+// >= T0 to the bounded ordered list of insertTop. Same set and order as the
+// arg-max rounds (key descending, ties by lower index); typically K to 2K
+// keys pass the filter, so the branchy part stays short.
+
+// per-lane top-2 of KEY[from, to) (multiples of 4) into P[0] (first) and P[1] (second)
+@inline function laneTop2(KEY: usize, from: i32, to: i32, P: usize): void {
+  let m1 = i32x4.splat(0);
+  let m2 = i32x4.splat(0);
+  for (let i = from; i < to; i += 4) {
+    const v = v128.load(KEY + (<usize>i << 2));
+    m2 = i32x4.max_u(m2, i32x4.min_u(m1, v));
+    m1 = i32x4.max_u(m1, v);
+  }
+  v128.store(P, m1);
+  v128.store(P, m2, 16);
+}
+
+@inline function hminU(v: v128): u32 {
+  const a = i32x4.min_u(v, i32x4.shuffle(v, v, 2, 3, 0, 1));
+  return min(<u32>i32x4.extract_lane(a, 0), <u32>i32x4.extract_lane(a, 1));
+}
+
+// the second largest of 8 keys held as per-lane (first, second) pairs:
+// the first lane holding the largest gives up its first for its second
+@inline function secondOfPairs(m1: v128, m2: v128, top: u32): u32 {
+  const lane = ctz(i32x4.bitmask(i32x4.eq(m1, i32x4.splat(top))));
+  return hmaxU(v128.bitselect(m2, m1, i32x4.eq(IOTA(), i32x4.splat(lane))));
+}
+
+// Offers every key >= T0 of KEY[from, to) (multiples of 4) to the list
+function offerAbove(KEY: usize, from: i32, to: i32, T0: u32, n: i32, CI: usize, CK: usize): void {
+  const last = CK + (<usize>(n - 1) << 2);
+  const t = i32x4.splat(T0);
+  for (let i = from; i < to; i += 4) {
+    const v = v128.load(KEY + (<usize>i << 2));
+    // keys >= T0: max_u(v, t) == v
+    let hits = i32x4.bitmask(i32x4.eq(i32x4.max_u(v, t), v));
+    while (hits) {
+      const l = ctz(hits);
+      const k = load<u32>(KEY + (<usize>(i + l) << 2));
+      if (k > load<u32>(last)) insertTop(CI, CK, n, i + l, k);
+      hits &= hits - 1;
+    }
+  }
+}
+
+// Whether the fast path applies to this shape (see above).
+@inline function fastNaive(E: i32, K: i32, G: i32, GK: i32): bool {
+  if (GK > 0) return K / GK <= 2 && ((E / G) & 3) == 0;
+  return K <= 8;
+}
+
+// Fast naive top-K, with the group limit when GK > 0. Scratch: CHOSEN
+// (2 * K4: indices then keys), GROUP (2 * G4: group keys then group bounds),
+// P (2 vectors).
+function selectFast(KEY: usize, E: i32, K: i32, G: i32, GK: i32, CHOSEN: usize, GROUP: usize, P: usize): void {
+  const CK = CHOSEN + (<usize>roundUp4(K) << 2);
+  for (let j = 0; j < K; j++) store<u32>(CK + (<usize>j << 2), KEY_OUT);
+  if (GK == 0) {
+    laneTop2(KEY, 0, roundUp4(E), P);
+    const T0 = K <= 4 ? hminU(v128.load(P)) : hminU(v128.load(P, 16));
+    offerAbove(KEY, 0, roundUp4(E), T0, K, CHOSEN, CK);
+    return;
+  }
+  const size = E / G;
+  const per = K / GK;
+  const BOUND = GROUP + (<usize>roundUp4(G) << 2);
+  // group scores: the sum of the top `per` (1 or 2) keys' values, largest first
+  for (let g = 0; g < G; g++) {
+    laneTop2(KEY, g * size, (g + 1) * size, P);
+    const m1 = v128.load(P);
+    const top = hmaxU(m1);
+    let sum = floatOfKey(top);
+    let bound = top;
+    if (per == 2) {
+      bound = secondOfPairs(m1, v128.load(P, 16), top);
+      sum += floatOfKey(bound);
+    }
+    store<u32>(GROUP + (<usize>g << 2), keyOf(sum));
+    store<u32>(BOUND + (<usize>g << 2), bound);
+  }
+  // keep the GK best groups (equal scores: lower group index): a group's
+  // rank counts the groups before it, branch-free; T0 = the smallest
+  // `per`-th key of a kept group
+  let T0: u32 = 0xffffffff;
+  for (let g = 0; g < G; g++) {
+    const kg = load<u32>(GROUP + (<usize>g << 2));
+    let rank = 0;
+    for (let h = 0; h < G; h++) {
+      const kh = load<u32>(GROUP + (<usize>h << 2));
+      rank += <i32>(kh > kg) | (<i32>(kh == kg) & <i32>(h < g));
+    }
+    if (rank < GK) T0 = min(T0, load<u32>(BOUND + (<usize>g << 2)));
+    else store<u32>(GROUP + (<usize>g << 2), KEY_OUT); // dropped
+  }
+  for (let g = 0; g < G; g++) {
+    if (load<u32>(GROUP + (<usize>g << 2)) == KEY_OUT) continue;
+    offerAbove(KEY, g * size, (g + 1) * size, T0, K, CHOSEN, CK);
+  }
+}
+
 // Group limit: a group's score is the sum of its top (K / GK) selection
 // scores, added in descending order; the GK best groups are kept (equal
 // scores: lower group index), every expert outside them is taken out.
@@ -734,7 +844,7 @@ export function topkForward(
   const CHOSEN = HIST + <usize>max(RADIX_BINS << 2, E16);
   const VAL = CHOSEN + (<usize>(2 * roundUp4(K)) << 2); // CHOSEN doubles as (index, key) pairs in limitGroups
   const GROUP = VAL + (<usize>roundUp4(K) << 2);
-  const TOPV = GROUP + (<usize>roundUp4(G) << 2); // K / GK vectors, then K / GK keys
+  const TOPV = GROUP + (<usize>(2 * roundUp4(G)) << 2); // K / GK vectors, then K / GK keys
   const radix = K >= radixThreshold;
   const inB = <usize>dtBytes(dt);
   const routeB = <usize>routeRowBytes(fmt, E, K);
@@ -812,8 +922,12 @@ export function topkForward(
     }
     for (let i = E4; i < E16; i += 4) v128.store(KEY + (<usize>i << 2), f32x4.splat(0));
     // select: group limit, then top-K (naive or radix: identical sets)
-    const built = grouped && limitGroups(KEY, E, K, G, GK, radix, CHOSEN, GROUP, TOPV, HIST);
-    selectTopK(KEY, E, K, radix, HIST, CHOSEN, built);
+    if (!radix && fastNaive(E, K, G, GK)) {
+      selectFast(KEY, E, K, G, GK, CHOSEN, GROUP, TOPV);
+    } else {
+      const built = grouped && limitGroups(KEY, E, K, G, GK, radix, CHOSEN, GROUP, TOPV, HIST);
+      selectTopK(KEY, E, K, radix, HIST, CHOSEN, built);
+    }
 
     // post-process: values of the chosen experts
     if (softPost) {

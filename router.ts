@@ -33,8 +33,14 @@ import { WasmBackend } from "./wasm/backend.ts";
 export interface RouterOptions {
   /** Backend to run on (default "auto"). */
   backend?: BackendChoice;
-  /** WebAssembly: bytes of token data per kernel call; bigger batches run in chunks of tokens (default 64 MiB). */
+  /** WebAssembly: bytes of token data per chunk; bigger batches run in chunks of tokens (default 16 MiB). */
   chunkBytes?: number;
+  /**
+   * WebAssembly: threads for big batches (default: the hardware threads).
+   * Worker threads share one WebAssembly memory; small batches stay on the
+   * calling thread; where shared memory is unavailable, one thread is used.
+   */
+  threads?: number;
 }
 
 /** The router operations bound to one backend. Every operation returns a Promise. */
@@ -43,6 +49,8 @@ export interface Router {
   readonly backend: BackendName;
   /** Why this backend was chosen (relevant for "auto"). */
   readonly reason: string;
+  /** CPU threads big batches run on (WebAssembly; 1 for other backends). */
+  readonly threads: number;
   /** See {@linkcode fusedTopkWithScoreFunction}. */
   fusedTopkWithScoreFunction(logits: FloatTensor, options: TopkOptions): Promise<TopkResult>;
   /** See {@linkcode fusedTopkWithScoreFunctionBackward}. */
@@ -95,14 +103,17 @@ export async function createRouter(options: RouterOptions = {}): Promise<Router>
   if (choice === "webgpu") {
     throw new Error(`backend "webgpu" is not available in this version of moe-router; use "wasm" or "auto"`);
   }
-  const wasmOptions = options.chunkBytes === undefined ? {} : { chunkBytes: checkChunkBytes(options.chunkBytes) };
+  const wasmOptions = {
+    ...(options.chunkBytes === undefined ? {} : { chunkBytes: positive("chunkBytes", options.chunkBytes) }),
+    ...(options.threads === undefined ? {} : { threads: positive("threads", options.threads) }),
+  };
   const reason = choice === "wasm" ? "asked for wasm" : "auto: WebAssembly (no WebGPU backend in this version)";
   return new BoundRouter(await WasmBackend.create(wasmOptions), reason);
 }
 
-function checkChunkBytes(v: unknown): number {
+function positive(name: string, v: unknown): number {
   if (typeof v !== "number" || !Number.isInteger(v) || v < 1) {
-    throw new RangeError(`chunkBytes must be a positive integer, got ${describe(v)}`);
+    throw new RangeError(`${name} must be a positive integer, got ${describe(v)}`);
   }
   return v;
 }
@@ -111,11 +122,13 @@ class BoundRouter implements Router {
   #backend: Backend | null;
   readonly backend: BackendName;
   readonly reason: string;
+  readonly threads: number;
 
   constructor(backend: Backend, reason: string) {
     this.#backend = backend;
     this.backend = backend.name;
     this.reason = reason;
+    this.threads = backend instanceof WasmBackend ? backend.threads : 1;
   }
 
   #use(): Backend {

@@ -7,7 +7,8 @@ import type { AuxScoresForwardOut, Backend, TopkForwardOut } from "../_backend.t
 import type { AuxLossPlan, AuxScoresPlan, RouteFormat, TopkPlan } from "../_validate.ts";
 import type { FloatDType, FloatTensor, IndexArray, Tensor } from "../_types.ts";
 import { ARRAY_OF, BYTES_OF } from "../tensor.ts";
-import { ROUTER_WASM_BASE64 } from "./_router_wasm.ts";
+import { ROUTER_WASM_BASE64, ROUTER_WASM_SHARED_BASE64, SHARED_MAX_PAGES } from "./_router_wasm.ts";
+import { hardwareThreads, type Job, ThreadPool, threadsAvailable } from "./_threads.ts";
 
 interface Kernels {
   memory: WebAssembly.Memory;
@@ -81,28 +82,33 @@ const DT = { float32: 0, float16: 1, bfloat16: 2 } as const;
 const SCORE = { softmax: 0, sigmoid: 1, sqrtsoftplus: 2 } as const;
 const ROUTE: Record<RouteFormat, number> = { bytemap: 0, bitmap_u8: 1, int16: 2, int32: 3, int64: 4 };
 
-/** Default bytes of token data (inputs and outputs) per kernel call. */
-export const DEFAULT_CHUNK_BYTES = 64 << 20;
+/** Default bytes of token data (inputs and outputs) per chunk of tokens. */
+export const DEFAULT_CHUNK_BYTES = 16 << 20;
+/** Below this many token x expert elements a call stays on one thread (a worker round trip costs ~0.2 ms). */
+export const MIN_PARALLEL_ELEMENTS = 1 << 18;
 // wasm32 addresses: the module can never hold more than this
 const MAX_MEMORY = 4 * 1024 * 1024 * 1024 - 65536;
 const PAGE = 65536;
 
-let compiled: Promise<WebAssembly.Module> | undefined;
+const compiled: Record<"local" | "shared", Promise<WebAssembly.Module> | undefined> = {
+  local: undefined,
+  shared: undefined,
+};
 
-/** Compiles the embedded module once per process (asynchronously: browsers refuse big synchronous compiles). */
-function compile(): Promise<WebAssembly.Module> {
-  compiled ??= (() => {
-    const bin = atob(ROUTER_WASM_BASE64);
+/** Compiles an embedded variant once per process (asynchronously: browsers refuse big synchronous compiles). */
+function compile(variant: "local" | "shared"): Promise<WebAssembly.Module> {
+  compiled[variant] ??= (() => {
+    const bin = atob(variant === "local" ? ROUTER_WASM_BASE64 : ROUTER_WASM_SHARED_BASE64);
     const bytes = new Uint8Array(bin.length);
     for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
     return WebAssembly.compile(bytes);
   })();
-  return compiled;
+  return compiled[variant];
 }
 
-/** Instantiates the kernels: one instance (and one linear memory) per backend. */
+/** Instantiates the one-thread kernels (own memory). */
 export async function instantiateKernels(): Promise<Kernels> {
-  const instance = await WebAssembly.instantiate(await compile(), {});
+  const instance = await WebAssembly.instantiate(await compile("local"), {});
   return instance.exports as unknown as Kernels;
 }
 
@@ -140,8 +146,10 @@ class Layout {
 
 /** Options of the WebAssembly backend. */
 export interface WasmBackendOptions {
-  /** Bytes of token data per kernel call; batches beyond it are cut into chunks of tokens. */
+  /** Bytes of token data per chunk; batches beyond it are cut into chunks of tokens. */
   chunkBytes?: number;
+  /** Threads for big batches (default: the hardware threads); 1 = no workers. */
+  threads?: number;
 }
 
 /** Runs the router kernels in WebAssembly on host arrays. */
@@ -149,15 +157,37 @@ export class WasmBackend implements Backend {
   readonly name = "wasm" as const;
   #k: Kernels;
   #chunkBytes: number;
+  #pool: ThreadPool | null;
+  #maxBytes: number;
 
-  private constructor(k: Kernels, chunkBytes: number) {
+  private constructor(k: Kernels, chunkBytes: number, pool: ThreadPool | null, maxBytes: number) {
     this.#k = k;
     this.#chunkBytes = chunkBytes;
+    this.#pool = pool;
+    this.#maxBytes = maxBytes;
   }
 
-  /** Creates a backend with its own module instance. */
+  /**
+   * Creates a backend with its own module instance. With threads > 1 (and a
+   * runtime that shares WebAssembly memory with workers) it runs the shared
+   * variant, and big batches are split across worker threads.
+   */
   static async create(options: WasmBackendOptions = {}): Promise<WasmBackend> {
-    return new WasmBackend(await instantiateKernels(), options.chunkBytes ?? DEFAULT_CHUNK_BYTES);
+    const chunkBytes = options.chunkBytes ?? DEFAULT_CHUNK_BYTES;
+    const threads = options.threads ?? hardwareThreads();
+    if (threads > 1 && threadsAvailable()) {
+      const module = await compile("shared");
+      const memory = new WebAssembly.Memory({ initial: 16, maximum: SHARED_MAX_PAGES, shared: true });
+      const instance = await WebAssembly.instantiate(module, { env: { memory } });
+      const k = { ...(instance.exports as unknown as Kernels), memory };
+      return new WasmBackend(k, chunkBytes, new ThreadPool(module, memory, threads - 1), SHARED_MAX_PAGES * PAGE);
+    }
+    return new WasmBackend(await instantiateKernels(), chunkBytes, null, MAX_MEMORY);
+  }
+
+  /** Threads a big batch runs on (1: no workers). */
+  get threads(): number {
+    return (this.#pool?.size ?? 0) + 1;
   }
 
   /** Bytes of linear memory the module holds now. */
@@ -166,14 +196,45 @@ export class WasmBackend implements Backend {
   }
 
   dispose(): void {
-    // the instance and its memory go with the last reference; nothing to free by hand
+    this.#pool?.close();
+    this.#pool = null;
+  }
+
+  // Threads for a chunk of m tokens of E experts.
+  #split(m: number, E: number): number {
+    return this.#pool !== null && m * E >= MIN_PARALLEL_ELEMENTS ? Math.min(this.threads, m) : 1;
+  }
+
+  // Runs kernel `fn` over rows [0, m) of a chunk, split into contiguous row
+  // ranges, one per thread; argsFor(a, n, j) gives the arguments for rows
+  // [a, a + n) on thread j (whose scratch is its own).
+  async #exec(
+    fn: keyof Kernels,
+    m: number,
+    parts: number,
+    argsFor: (a: number, n: number, j: number) => number[],
+  ): Promise<void> {
+    const call = (job: Job) => (this.#k[job.fn as keyof Kernels] as (...a: number[]) => void)(...job.args);
+    if (parts <= 1) {
+      call({ fn, args: argsFor(0, m, 0) });
+      return;
+    }
+    const jobs: Job[] = [];
+    const per = Math.ceil(m / parts);
+    for (let j = 0, a = 0; a < m; j++, a += per) jobs.push({ fn, args: argsFor(a, Math.min(per, m - a), j) });
+    await (this.#pool as ThreadPool).run(jobs, call);
+  }
+
+  // Scratch regions, one per thread that may run a chunk.
+  #scratch(L: Layout, bytes: number): number[] {
+    return Array.from({ length: this.threads }, () => L.take(bytes));
   }
 
   // Grows linear memory to `end` bytes, with a clear error beyond wasm32's reach.
   #ensure(end: number, what: string): void {
-    if (end > MAX_MEMORY) {
+    if (end > this.#maxBytes) {
       throw new RangeError(
-        `${what} needs ${end} bytes of WebAssembly memory for one token chunk, beyond the 4 GiB limit of wasm32`,
+        `${what} needs ${end} bytes of WebAssembly memory for one token chunk, beyond this backend's limit of ${this.#maxBytes} bytes`,
       );
     }
     const have = this.#k.memory.buffer.byteLength;
@@ -201,7 +262,7 @@ export class WasmBackend implements Backend {
     new Uint8Array(dst.buffer, dst.byteOffset + to * b, n * b).set(new Uint8Array(this.#k.memory.buffer, ptr, n * b));
   }
 
-  topkForward(plan: TopkPlan, logits: FloatTensor): Promise<TopkForwardOut> {
+  async topkForward(plan: TopkPlan, logits: FloatTensor): Promise<TopkForwardOut> {
     const { T, E, K, dtype, route } = plan;
     const inB = BYTES_OF[dtype];
     const rB = routeRowBytes(route, E, K);
@@ -211,7 +272,7 @@ export class WasmBackend implements Backend {
     const n = this.#chunk(T, 2 * E * inB + 4 * E + rB);
     const k = this.#k;
     const L = new Layout(k.heapBase());
-    const scratch = L.take(k.scratchBytes(E, K, plan.numGroups));
+    const scratch = this.#scratch(L, k.scratchBytes(E, K, plan.numGroups));
     const bias = plan.bias ? L.take(4 * align16(E)) : 0;
     const inP = L.take(n * E * inB);
     const probsP = L.take(n * E * inB);
@@ -226,10 +287,10 @@ export class WasmBackend implements Backend {
     for (let t0 = 0; t0 < T; t0 += n) {
       const m = Math.min(n, T - t0);
       this.#put(inP, logits.data, t0 * E, m * E);
-      k.topkForward(
-        inP,
+      await this.#exec("topkForward", m, this.#split(m, E), (a, rows, j) => [
+        inP + a * E * inB,
         DT[dtype],
-        m,
+        rows,
         E,
         K,
         SCORE[plan.score],
@@ -240,21 +301,21 @@ export class WasmBackend implements Backend {
         bias,
         ROUTE[route],
         plan.radixThreshold,
-        probsP,
-        interP,
-        routeP,
-        scratch,
-      );
+        probsP + a * E * inB,
+        interP + a * E * 4,
+        routeP + a * rB,
+        scratch[j] as number,
+      ]);
       this.#get(probsP, probs, t0 * E, m * E);
       this.#get(interP, intermediate, t0 * E, m * E);
       this.#get(routeP, routeOut, t0 * routeElems, m * routeElems);
     }
     // the saved state keeps its own copy of dense indices: callers often reuse their buffer
     const saved = route === "bytemap" || route === "bitmap_u8" ? routeOut : routeOut.slice();
-    return Promise.resolve({ probs, intermediate, route: routeOut, payload: { intermediate, route: saved } });
+    return { probs, intermediate, route: routeOut, payload: { intermediate, route: saved } };
   }
 
-  topkBackward(plan: TopkPlan, payload: unknown, grad: FloatTensor): Promise<FloatTensor["data"]> {
+  async topkBackward(plan: TopkPlan, payload: unknown, grad: FloatTensor): Promise<FloatTensor["data"]> {
     const { T, E, K, dtype, route } = plan;
     const saved = payload as { intermediate: Float32Array; route: Uint8Array | IndexArray };
     const inB = BYTES_OF[dtype];
@@ -263,7 +324,7 @@ export class WasmBackend implements Backend {
     const n = this.#chunk(T, 2 * E * inB + 4 * E + rB);
     const k = this.#k;
     const L = new Layout(k.heapBase());
-    const scratch = L.take(k.scratchBytes(E, K, 0));
+    const scratch = this.#scratch(L, k.scratchBytes(E, K, 0));
     const gradP = L.take(n * E * inB);
     const interP = L.take(n * E * 4);
     const routeP = L.take(n * rB);
@@ -275,27 +336,27 @@ export class WasmBackend implements Backend {
       this.#put(gradP, grad.data, t0 * E, m * E);
       this.#put(interP, saved.intermediate, t0 * E, m * E);
       this.#put(routeP, saved.route, t0 * routeElems, m * routeElems);
-      k.topkBackward(
-        gradP,
+      await this.#exec("topkBackward", m, this.#split(m, E), (a, rows, j) => [
+        gradP + a * E * inB,
         DT[dtype],
-        m,
+        rows,
         E,
         K,
         SCORE[plan.score],
         plan.pre ? 1 : 0,
         plan.scale,
-        interP,
+        interP + a * E * 4,
         ROUTE[route],
-        routeP,
-        outP,
-        scratch,
-      );
+        routeP + a * rB,
+        outP + a * E * inB,
+        scratch[j] as number,
+      ]);
       this.#get(outP, out, t0 * E, m * E);
     }
-    return Promise.resolve(out);
+    return out;
   }
 
-  auxScoresForward(plan: AuxScoresPlan, logits: FloatTensor): Promise<AuxScoresForwardOut> {
+  async auxScoresForward(plan: AuxScoresPlan, logits: FloatTensor): Promise<AuxScoresForwardOut> {
     const { T, E, K, dtype, route } = plan;
     const inB = BYTES_OF[dtype];
     const rB = routeRowBytes(route, E, K);
@@ -305,7 +366,7 @@ export class WasmBackend implements Backend {
     const n = this.#chunk(T, E * inB + 8 * E + rB);
     const k = this.#k;
     const L = new Layout(k.heapBase());
-    const scratch = L.take(k.scratchBytes(E, K, 0));
+    const scratch = this.#scratch(L, k.scratchBytes(E, K, 0));
     const inP = L.take(n * E * inB);
     const scoresP = L.take(n * E * 4);
     const interP = L.take(n * E * 4);
@@ -314,28 +375,32 @@ export class WasmBackend implements Backend {
     for (let t0 = 0; t0 < T; t0 += n) {
       const m = Math.min(n, T - t0);
       this.#put(inP, logits.data, t0 * E, m * E);
-      k.auxScoresForward(
-        inP,
+      await this.#exec("auxScoresForward", m, this.#split(m, E), (a, rows, j) => [
+        inP + a * E * inB,
         DT[dtype],
-        m,
+        rows,
         E,
         K,
         SCORE[plan.score],
         ROUTE[route],
         plan.radixThreshold,
-        scoresP,
-        interP,
-        routeP,
-        scratch,
-      );
+        scoresP + a * E * 4,
+        interP + a * E * 4,
+        routeP + a * rB,
+        scratch[j] as number,
+      ]);
       this.#get(scoresP, scores, t0 * E, m * E);
       this.#get(interP, intermediate, t0 * E, m * E);
       this.#get(routeP, routeOut, t0 * rB, m * rB);
     }
-    return Promise.resolve({ scores, intermediate, route: routeOut, payload: intermediate });
+    return { scores, intermediate, route: routeOut, payload: intermediate };
   }
 
-  auxScoresBackward(plan: AuxScoresPlan, payload: unknown, grad: Tensor<"float32">): Promise<FloatTensor["data"]> {
+  async auxScoresBackward(
+    plan: AuxScoresPlan,
+    payload: unknown,
+    grad: Tensor<"float32">,
+  ): Promise<FloatTensor["data"]> {
     const { T, E, dtype } = plan;
     const intermediate = payload as Float32Array;
     const outB = BYTES_OF[dtype];
@@ -343,7 +408,7 @@ export class WasmBackend implements Backend {
     const n = this.#chunk(T, 8 * E + E * outB);
     const k = this.#k;
     const L = new Layout(k.heapBase());
-    const scratch = L.take(k.scratchBytes(E, 1, 0));
+    const scratch = this.#scratch(L, k.scratchBytes(E, 1, 0));
     const gradP = L.take(n * E * 4);
     const interP = L.take(n * E * 4);
     const outP = L.take(n * E * outB);
@@ -352,12 +417,22 @@ export class WasmBackend implements Backend {
       const m = Math.min(n, T - t0);
       this.#put(gradP, grad.data, t0 * E, m * E);
       this.#put(interP, intermediate, t0 * E, m * E);
-      k.auxScoresBackward(gradP, m, E, SCORE[plan.score], interP, DT[dtype], outP, scratch);
+      await this.#exec("auxScoresBackward", m, this.#split(m, E), (a, rows, j) => [
+        gradP + a * E * 4,
+        rows,
+        E,
+        SCORE[plan.score],
+        interP + a * E * 4,
+        DT[dtype],
+        outP + a * E * outB,
+        scratch[j] as number,
+      ]);
       this.#get(outP, out, t0 * E, m * E);
     }
-    return Promise.resolve(out);
+    return out;
   }
 
+  // The aux loss reads each element once; it stays on one thread.
   auxLossForward(plan: AuxLossPlan, probs: FloatTensor): Promise<FloatTensor["data"]> {
     const { rows, cols, dtype } = plan;
     const inB = BYTES_OF[dtype];

@@ -1,0 +1,190 @@
+// Worker threads for the WebAssembly backend: each worker instantiates the
+// shared-memory variant of the kernels on the backend's one shared memory
+// and runs kernel calls the main thread posts to it (a function name and
+// its numeric arguments). Deno and browsers get Web Workers from a Blob URL,
+// Node gets worker_threads with eval: no separate worker file, so bundles and
+// edge runtimes need nothing beside the module. Idle workers are ended after
+// IDLE_MS so that they never keep a process alive.
+
+/** A kernel call: export name and numeric arguments. */
+export interface Job {
+  fn: string;
+  args: number[];
+}
+
+/** Workers end after this long without work (the next big call starts them again). */
+export const IDLE_MS = 2000;
+
+// The worker's whole program. Deno / browsers: `self` with onmessage;
+// Node (eval'd CommonJS): require("node:worker_threads").parentPort.
+const WORKER_SOURCE = `
+const port = typeof require === "function" ? require("node:worker_threads").parentPort : self;
+let k;
+const handle = (m) => {
+  if (m.module) {
+    k = new WebAssembly.Instance(m.module, { env: { memory: m.memory } }).exports;
+    port.postMessage(-1);
+    return;
+  }
+  k[m.fn](...m.args);
+  port.postMessage(m.id);
+};
+if (port === self) self.onmessage = (e) => handle(e.data);
+else port.on("message", handle);
+`;
+
+interface Thread {
+  post(message: unknown): void;
+  /** Resolves with the next message's data. */
+  next(): Promise<number>;
+  terminate(): void;
+}
+
+type NodeWorker = {
+  on(event: string, f: (v: unknown) => void): void;
+  once(event: string, f: (v: unknown) => void): void;
+  off(event: string, f: (v: unknown) => void): void;
+  postMessage(m: unknown): void;
+  terminate(): void;
+  unref(): void;
+};
+
+function isNode(): boolean {
+  const g = globalThis as { Deno?: unknown; process?: { versions?: { node?: string } } };
+  return g.Deno === undefined && typeof g.process?.versions?.node === "string";
+}
+
+let blobUrl: string | undefined;
+
+async function spawn(): Promise<Thread> {
+  if (isNode()) {
+    const { Worker } = await import("node:worker_threads" as string) as {
+      Worker: new (src: string, o: { eval: boolean }) => NodeWorker;
+    };
+    const w = new Worker(WORKER_SOURCE, { eval: true });
+    w.unref();
+    return {
+      post: (m) => w.postMessage(m),
+      next: () =>
+        new Promise((resolve, reject) => {
+          const ok = (v: unknown) => {
+            w.off("error", bad);
+            resolve(v as number);
+          };
+          const bad = (e: unknown) => {
+            w.off("message", ok);
+            reject(e);
+          };
+          w.once("message", ok);
+          w.once("error", bad);
+        }),
+      terminate: () => w.terminate(),
+    };
+  }
+  blobUrl ??= URL.createObjectURL(new Blob([WORKER_SOURCE], { type: "text/javascript" }));
+  const w = new Worker(blobUrl, { type: "module" });
+  return {
+    post: (m) => w.postMessage(m),
+    next: () =>
+      new Promise((resolve, reject) => {
+        w.onmessage = (e) => resolve(e.data as number);
+        w.onerror = (e) => {
+          e.preventDefault();
+          reject(new Error(`moe-router worker failed: ${e.message}`));
+        };
+      }),
+    terminate: () => w.terminate(),
+  };
+}
+
+/** Whether this runtime can share a WebAssembly memory with workers. */
+export function threadsAvailable(): boolean {
+  try {
+    if ((globalThis as { crossOriginIsolated?: boolean }).crossOriginIsolated === false) return false;
+    if (typeof SharedArrayBuffer !== "function") return false;
+    if (!isNode() && typeof Worker !== "function") return false;
+    new WebAssembly.Memory({ initial: 1, maximum: 1, shared: true });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** The number of hardware threads, or 1 where the runtime does not say. */
+export function hardwareThreads(): number {
+  const n = (globalThis as { navigator?: { hardwareConcurrency?: number } }).navigator?.hardwareConcurrency;
+  return typeof n === "number" && n >= 1 ? Math.floor(n) : 1;
+}
+
+/** Worker threads sharing one memory; started on first use, ended when idle. */
+export class ThreadPool {
+  #threads: Thread[] = [];
+  #starting: Promise<Thread[]> | null = null;
+  #idle: ReturnType<typeof setTimeout> | undefined;
+  #seq = 0;
+  #closed = false;
+
+  constructor(
+    private readonly module: WebAssembly.Module,
+    private readonly memory: WebAssembly.Memory,
+    /** Workers beside the calling thread. */
+    readonly size: number,
+  ) {}
+
+  async #start(): Promise<Thread[]> {
+    if (this.#threads.length > 0) return this.#threads;
+    this.#starting ??= (async () => {
+      const threads = await Promise.all(Array.from({ length: this.size }, spawn));
+      for (const t of threads) t.post({ module: this.module, memory: this.memory });
+      await Promise.all(threads.map((t) => t.next()));
+      this.#threads = threads;
+      this.#starting = null;
+      return threads;
+    })();
+    return await this.#starting;
+  }
+
+  /**
+   * Runs jobs[0] on the calling thread and the others on workers, all at
+   * once; resolves when every job is done.
+   */
+  async run(jobs: Job[], local: (job: Job) => void): Promise<void> {
+    if (this.#closed) throw new Error("the WebAssembly backend was disposed");
+    clearTimeout(this.#idle);
+    const threads = await this.#start();
+    const done: Promise<number>[] = [];
+    for (let i = 1; i < jobs.length; i++) {
+      const t = threads[i - 1] as Thread;
+      const job = jobs[i] as Job;
+      done.push(t.next());
+      t.post({ id: ++this.#seq, fn: job.fn, args: job.args });
+    }
+    try {
+      local(jobs[0] as Job);
+    } finally {
+      await Promise.all(done);
+      this.#armIdle();
+    }
+  }
+
+  #armIdle(): void {
+    const id = setTimeout(() => this.#stop(), IDLE_MS);
+    this.#idle = id;
+    // the timer must not keep a process alive by itself (Deno: unrefTimer, Node: unref)
+    const deno = (globalThis as { Deno?: { unrefTimer?(id: number): void } }).Deno;
+    if (typeof id === "number") deno?.unrefTimer?.(id);
+    else (id as { unref?(): void }).unref?.();
+  }
+
+  #stop(): void {
+    for (const t of this.#threads) t.terminate();
+    this.#threads = [];
+  }
+
+  /** Ends the workers; later runs throw. */
+  close(): void {
+    this.#closed = true;
+    clearTimeout(this.#idle);
+    this.#stop();
+  }
+}

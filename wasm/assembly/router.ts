@@ -445,21 +445,56 @@ function selectScan(KEY: usize, from: i32, to: i32, n: i32, CI: usize, CK: usize
   }
 }
 
-// radix top-K. Phases: (1) find the K-th largest key T by 32/RADIX_BITS
-// histogram passes over the keys that share the prefix found so far, keeping
-// `need` = how many keys equal to T still belong to the top K; (2) gather, in
+// radix top-K. Phases: (0) for K <= RADIX_FILTER_K, a filter: per-lane
+// sorted lists of depth D = ceil(K / 4) (branch-free max / min) give T0,
+// the smallest of the lanes' D-th keys; at least 4 * D >= K keys are >= T0,
+// so the top K are among the keys >= T0, which are listed in index order in
+// CAND (typically K to 2K of them); larger K take every key as a candidate.
+// (1) find the K-th largest candidate key T by 32 / RADIX_BITS histogram
+// passes over the candidates that share the prefix found so far, keeping
+// `need` = how many keys equal to T belong to the top K; (2) gather, in
 // index order, every key > T and the first `need` keys == T (tie rule: lower
 // index wins); (3) sort the K picks by key descending (stable, so equal keys
 // stay in index order). O(E) per pass, independent of K; counters are u32 and
 // count at most E keys, so they cannot overflow.
-function selectRadix(KEY: usize, E: i32, K: i32, HIST: usize, CHOSEN: usize): void {
+const RADIX_FILTER_K = 32;
+
+function selectRadix(KEY: usize, E: i32, K: i32, HIST: usize, CHOSEN: usize, CAND: usize, LANES: usize): void {
+  const E4 = roundUp4(E);
+  let c = E;
+  let listed = false;
+  if (K <= RADIX_FILTER_K) {
+    const D = (K + 3) >> 2;
+    for (let j = 0; j < D; j++) v128.store(LANES + (<usize>j << 4), f32x4.splat(0));
+    for (let i = 0; i < E4; i += 4) {
+      let v = v128.load(KEY + (<usize>i << 2));
+      for (let j = 0; j < D; j++) {
+        const p = LANES + (<usize>j << 4);
+        const m = v128.load(p);
+        v128.store(p, i32x4.max_u(m, v));
+        v = i32x4.min_u(m, v);
+      }
+    }
+    const t = i32x4.splat(hminU(v128.load(LANES + (<usize>(D - 1) << 4))));
+    c = 0;
+    for (let i = 0; i < E4; i += 4) {
+      const v = v128.load(KEY + (<usize>i << 2));
+      let hits = i32x4.bitmask(i32x4.eq(i32x4.max_u(v, t), v));
+      while (hits) {
+        store<i32>(CAND + (<usize>c << 2), i + ctz(hits));
+        c++;
+        hits &= hits - 1;
+      }
+    }
+    listed = true;
+  }
   let prefix: u32 = 0;
   let mask: u32 = 0;
   let need = K;
   for (let shift = 32 - RADIX_BITS; shift >= 0; shift -= RADIX_BITS) {
-    memory.fill(HIST, 0, <usize>RADIX_BINS << 2);
-    for (let i = 0; i < E; i++) {
-      const k = load<u32>(KEY + (<usize>i << 2));
+    zeroWords(HIST, RADIX_BINS);
+    for (let j = 0; j < c; j++) {
+      const k = load<u32>(KEY + (<usize>(listed ? load<i32>(CAND + (<usize>j << 2)) : j) << 2));
       if ((k & mask) == prefix) {
         const h = HIST + (<usize>((k >> shift) & (RADIX_BINS - 1)) << 2);
         store<u32>(h, load<u32>(h) + 1);
@@ -467,16 +502,17 @@ function selectRadix(KEY: usize, E: i32, K: i32, HIST: usize, CHOSEN: usize): vo
     }
     let bin = RADIX_BINS - 1;
     for (; bin > 0; bin--) {
-      const c = <i32>load<u32>(HIST + (<usize>bin << 2));
-      if (c >= need) break;
-      need -= c;
+      const n = <i32>load<u32>(HIST + (<usize>bin << 2));
+      if (n >= need) break;
+      need -= n;
     }
     prefix |= <u32>bin << shift;
     mask |= <u32>(RADIX_BINS - 1) << shift;
   }
   const T = prefix;
   let n = 0;
-  for (let i = 0; i < E && n < K; i++) {
+  for (let j = 0; j < c && n < K; j++) {
+    const i = listed ? load<i32>(CAND + (<usize>j << 2)) : j;
     const k = load<u32>(KEY + (<usize>i << 2));
     if (k > T || (k == T && need > 0)) {
       if (k == T) need--;
@@ -501,8 +537,11 @@ function selectRadix(KEY: usize, E: i32, K: i32, HIST: usize, CHOSEN: usize): vo
 
 // CHOSEN needs room for 2 * K4 entries: indices, then the naive scan's keys.
 // KEY must be zero-padded to a multiple of 16; HIST holds max(RADIX_BINS, E16 / 4) words.
-function selectTopK(KEY: usize, E: i32, K: i32, radix: bool, HIST: usize, CHOSEN: usize, built: bool): void {
-  if (radix) selectRadix(KEY, E, K, HIST, CHOSEN);
+// CAND: E16 words; LANES: ceil(K / 4) vectors (radix only).
+function selectTopK(
+  KEY: usize, E: i32, K: i32, radix: bool, HIST: usize, CHOSEN: usize, built: bool, CAND: usize, LANES: usize,
+): void {
+  if (radix) selectRadix(KEY, E, K, HIST, CHOSEN, CAND, LANES);
   else selectNaive(KEY, E, K, HIST, CHOSEN, built);
 }
 
@@ -926,7 +965,7 @@ export function topkForward(
       selectFast(KEY, E, K, G, GK, CHOSEN, GROUP, TOPV);
     } else {
       const built = grouped && limitGroups(KEY, E, K, G, GK, radix, CHOSEN, GROUP, TOPV, HIST);
-      selectTopK(KEY, E, K, radix, HIST, CHOSEN, built);
+      selectTopK(KEY, E, K, radix, HIST, CHOSEN, built, TOPV + (<usize>(5 * roundUp4(K)) << 2), TOPV);
     }
 
     // post-process: values of the chosen experts
@@ -1113,7 +1152,7 @@ export function auxScoresForward(
     }
     memory.copy(scores + (tt << 2), S, <usize>E << 2);
     keysOf(S, E, KEY);
-    selectTopK(KEY, E, K, radix, HIST, CHOSEN, false);
+    selectTopK(KEY, E, K, radix, HIST, CHOSEN, false, S + rowF, CHOSEN + (<usize>(2 * roundUp4(K)) << 2));
     writeRoute(fmt, E, K, CHOSEN, route + <usize>t * routeB);
   }
 }

@@ -73,11 +73,13 @@ export const DEFAULT_RADIX_THRESHOLD = 16;
 const THRESHOLD_ENV = "MOE_ROUTER_RADIX_TOPK_THRESHOLD";
 
 let envThreshold: number | null | undefined;
+let envError: RangeError | undefined;
 
-// The environment is read once, and only where reading it needs no prompt.
+// The environment is read once, and only where reading it needs no prompt;
+// an invalid value fails every call that relies on it, not just the first.
 function thresholdFromEnv(): number | null {
+  if (envError !== undefined) throw envError;
   if (envThreshold !== undefined) return envThreshold;
-  envThreshold = null;
   let raw: string | undefined;
   try {
     const deno = (globalThis as { Deno?: typeof Deno }).Deno;
@@ -94,9 +96,12 @@ function thresholdFromEnv(): number | null {
   if (raw !== undefined && raw !== "") {
     const v = Number(raw);
     if (!Number.isInteger(v) || v < 1) {
-      throw new RangeError(`${THRESHOLD_ENV} must be an integer >= 1, got ${JSON.stringify(raw)}`);
+      envError = new RangeError(`${THRESHOLD_ENV} must be an integer >= 1, got ${JSON.stringify(raw)}`);
+      throw envError;
     }
     envThreshold = v;
+  } else {
+    envThreshold = null;
   }
   return envThreshold;
 }
@@ -270,7 +275,7 @@ export function planTopk(logits: unknown, options: unknown): TopkPlan {
       );
     }
     if (overlaps(o.indicesOut, logits.data)) {
-      throw new TypeError(`indicesOut must not share memory with logits.data`);
+      throw new TypeError(`indicesOut must not share memory with logits.data, got an array over the same bytes`);
     }
     route = dt;
     indicesOut = o.indicesOut;

@@ -1,80 +1,39 @@
 // The WebAssembly backend: host side of wasm/assembly/router.ts. It lays out
 // the module's linear memory for a chunk of tokens, copies inputs in, runs a
-// kernel and copies outputs out. Memory is kept between calls and grown only
-// when a larger chunk arrives; big batches are cut into chunks of tokens so
-// that it stays bounded whatever the batch size.
+// kernel (split across worker threads for big chunks) and copies outputs
+// out. Memory is kept between calls and grown only when a larger chunk
+// arrives; big batches are cut into chunks of tokens so that it stays bounded
+// whatever the batch size. Calls on one backend run one after another (they
+// share the memory layout), in the order they were made.
+//
+// The probs and the top-k gradient are sparse (K nonzeros per token, but for
+// pre-softmax gradients): the kernels exchange them as compact (expert,
+// value) rows that the host scatters into fresh zeroed arrays, instead of
+// copying dense rows out of the module.
 import type { AuxScoresForwardOut, Backend, TopkForwardOut } from "../_backend.ts";
 import type { AuxLossPlan, AuxScoresPlan, RouteFormat, TopkPlan } from "../_validate.ts";
-import type { FloatDType, FloatTensor, IndexArray, Tensor } from "../_types.ts";
+import type { FloatDType, FloatTensor, IndexArray, RoutingMapFormat, Tensor } from "../_types.ts";
 import { ARRAY_OF, BYTES_OF } from "../tensor.ts";
 import { ROUTER_WASM_BASE64, ROUTER_WASM_SHARED_BASE64, SHARED_MAX_PAGES } from "./_router_wasm.ts";
 import { hardwareThreads, type Job, ThreadPool, threadsAvailable } from "./_threads.ts";
 
+type Fn = (...args: number[]) => number;
+
+/** The module's exports (see wasm/assembly/router.ts for each kernel's arguments). */
 interface Kernels {
   memory: WebAssembly.Memory;
   heapBase(): number;
   scratchBytes(E: number, K: number, G: number): number;
-  mathCheck(kind: number, ptr: number, n: number): void;
-  topkForward(
-    logits: number,
-    dt: number,
-    T: number,
-    E: number,
-    K: number,
-    fn: number,
-    pre: number,
-    G: number,
-    GK: number,
-    scale: number,
-    bias: number,
-    fmt: number,
-    radixThreshold: number,
-    probs: number,
-    inter: number,
-    route: number,
-    scratch: number,
-  ): void;
-  topkBackward(
-    grad: number,
-    dt: number,
-    T: number,
-    E: number,
-    K: number,
-    fn: number,
-    pre: number,
-    scale: number,
-    inter: number,
-    fmt: number,
-    route: number,
-    out: number,
-    scratch: number,
-  ): void;
-  auxScoresForward(
-    logits: number,
-    dt: number,
-    T: number,
-    E: number,
-    K: number,
-    fn: number,
-    fmt: number,
-    radixThreshold: number,
-    scores: number,
-    inter: number,
-    route: number,
-    scratch: number,
-  ): void;
-  auxScoresBackward(
-    grad: number,
-    T: number,
-    E: number,
-    fn: number,
-    inter: number,
-    dt: number,
-    out: number,
-    scratch: number,
-  ): void;
-  auxLossSum(probs: number, dt: number, rows: number, cols: number, tpe: number, colsum: number): number;
-  auxLossBackward(g: number, rows: number, cols: number, tpe: number, dt: number, out: number, scratch: number): void;
+  mathCheck: Fn;
+  topkForward: Fn;
+  routeList: Fn;
+  topkBackwardSparse: Fn;
+  topkBackward: Fn;
+  auxScoresForward: Fn;
+  auxScoresBackward: Fn;
+  auxLossColumns: Fn;
+  auxLossDot: Fn;
+  auxLossBackward: Fn;
 }
 
 // codes shared with wasm/assembly/router.ts
@@ -127,13 +86,17 @@ function routeRowBytes(route: RouteFormat, E: number, K: number): number {
   }
 }
 
+function isMap(route: RouteFormat): route is RoutingMapFormat {
+  return route === "bytemap" || route === "bitmap_u8";
+}
+
 /** Bump allocator over the module's memory, rebuilt for every call. */
 class Layout {
   #next: number;
   constructor(base: number) {
     this.#next = align16(base);
   }
-  /** Reserves n bytes (+16 of slack for vector stores), 16-byte aligned. */
+  /** Reserves n bytes (+16 of slack for vector loads and stores past the end), 16-byte aligned. */
   take(n: number): number {
     const at = this.#next;
     this.#next = align16(at + n + 16);
@@ -152,6 +115,16 @@ export interface WasmBackendOptions {
   threads?: number;
 }
 
+/** What a top-k forward saves for its backward: copies, so that callers may edit their outputs. */
+interface TopkPayload {
+  /** The routing output as the forward produced it. */
+  route: Uint8Array | IndexArray;
+  /** The intermediate at each token's chosen experts, ascending expert order (T x K). */
+  yasc: Float32Array;
+  /** Pre-softmax only: the whole intermediate (every expert gets a gradient). */
+  full: Float32Array | null;
+}
+
 /** Runs the router kernels in WebAssembly on host arrays. */
 export class WasmBackend implements Backend {
   readonly name = "wasm" as const;
@@ -159,6 +132,7 @@ export class WasmBackend implements Backend {
   #chunkBytes: number;
   #pool: ThreadPool | null;
   #maxBytes: number;
+  #queue: Promise<unknown> = Promise.resolve();
 
   private constructor(k: Kernels, chunkBytes: number, pool: ThreadPool | null, maxBytes: number) {
     this.#k = k;
@@ -200,37 +174,15 @@ export class WasmBackend implements Backend {
     this.#pool = null;
   }
 
-  // Threads for a chunk of m tokens of E experts.
-  #split(m: number, E: number): number {
-    return this.#pool !== null && m * E >= MIN_PARALLEL_ELEMENTS ? Math.min(this.threads, m) : 1;
+  // Runs calls one at a time: they share the memory layout, and a threaded
+  // call awaits its workers between the kernel and the copy out.
+  #serial<R>(work: () => R | Promise<R>): Promise<R> {
+    const run = this.#queue.then(work, work);
+    this.#queue = run.then(() => undefined, () => undefined);
+    return run;
   }
 
-  // Runs kernel `fn` over rows [0, m) of a chunk, split into contiguous row
-  // ranges, one per thread; argsFor(a, n, j) gives the arguments for rows
-  // [a, a + n) on thread j (whose scratch is its own).
-  async #exec(
-    fn: keyof Kernels,
-    m: number,
-    parts: number,
-    argsFor: (a: number, n: number, j: number) => number[],
-  ): Promise<void> {
-    const call = (job: Job) => (this.#k[job.fn as keyof Kernels] as (...a: number[]) => void)(...job.args);
-    if (parts <= 1) {
-      call({ fn, args: argsFor(0, m, 0) });
-      return;
-    }
-    const jobs: Job[] = [];
-    const per = Math.ceil(m / parts);
-    for (let j = 0, a = 0; a < m; j++, a += per) jobs.push({ fn, args: argsFor(a, Math.min(per, m - a), j) });
-    await (this.#pool as ThreadPool).run(jobs, call);
-  }
-
-  // Scratch regions, one per thread that may run a chunk.
-  #scratch(L: Layout, bytes: number): number[] {
-    return Array.from({ length: this.threads }, () => L.take(bytes));
-  }
-
-  // Grows linear memory to `end` bytes, with a clear error beyond wasm32's reach.
+  // Grows linear memory to `end` bytes, with a clear error beyond the backend's reach.
   #ensure(end: number, what: string): void {
     if (end > this.#maxBytes) {
       throw new RangeError(
@@ -244,6 +196,35 @@ export class WasmBackend implements Backend {
   // How many tokens fit one chunk, given the token data bytes per token.
   #chunk(T: number, perToken: number): number {
     return Math.max(1, Math.min(T, Math.floor(this.#chunkBytes / Math.max(1, perToken))));
+  }
+
+  // Row ranges [a, a + n) of a chunk of m tokens, one per thread that runs it.
+  #ranges(m: number, E: number): Array<[number, number]> {
+    const parts = this.#pool !== null && m * E >= MIN_PARALLEL_ELEMENTS ? Math.min(this.threads, m) : 1;
+    const per = Math.ceil(m / parts);
+    const out: Array<[number, number]> = [];
+    for (let a = 0; a < m; a += per) out.push([a, Math.min(per, m - a)]);
+    return out;
+  }
+
+  // Runs kernel `fn` on each row range, range j on thread j (j = 0: this
+  // thread); argsFor(a, n, j) gives its arguments. A kernel may write a
+  // vector past the end of its last row, so outputs written that way get a
+  // region per thread (see #scratch).
+  async #exec(
+    fn: keyof Kernels,
+    ranges: Array<[number, number]>,
+    argsFor: (a: number, n: number, j: number) => number[],
+  ): Promise<void> {
+    const call = (job: Job) => (this.#k[job.fn as keyof Kernels] as Fn)(...job.args);
+    const jobs = ranges.map(([a, n], j): Job => ({ fn, args: argsFor(a, n, j) }));
+    if (jobs.length === 1) call(jobs[0] as Job);
+    else await (this.#pool as ThreadPool).run(jobs, call);
+  }
+
+  // Regions of `bytes`, one per thread that may run a chunk.
+  #scratch(L: Layout, bytes: number): number[] {
+    return Array.from({ length: this.threads }, () => L.take(bytes));
   }
 
   #bytes(): Uint8Array {
@@ -262,32 +243,48 @@ export class WasmBackend implements Backend {
     new Uint8Array(dst.buffer, dst.byteOffset + to * b, n * b).set(new Uint8Array(this.#k.memory.buffer, ptr, n * b));
   }
 
-  async topkForward(plan: TopkPlan, logits: FloatTensor): Promise<TopkForwardOut> {
+  // An integer view of memory holding the raw bits of `dtype` elements.
+  #bits(dtype: FloatDType, ptr: number, n: number): Uint32Array | Uint16Array {
+    return dtype === "float32"
+      ? new Uint32Array(this.#k.memory.buffer, ptr, n)
+      : new Uint16Array(this.#k.memory.buffer, ptr, n);
+  }
+
+  topkForward(plan: TopkPlan, logits: FloatTensor): Promise<TopkForwardOut> {
+    return this.#serial(() => this.#topkForward(plan, logits));
+  }
+
+  async #topkForward(plan: TopkPlan, logits: FloatTensor): Promise<TopkForwardOut> {
     const { T, E, K, dtype, route } = plan;
     const inB = BYTES_OF[dtype];
     const rB = routeRowBytes(route, E, K);
     const probs = newFloat(dtype, T * E);
+    const probsBits = rawBits(probs);
     const intermediate = new Float32Array(T * E);
     const routeOut: Uint8Array | IndexArray = plan.indicesOut ?? newRoute(route, T, E, K);
-    const n = this.#chunk(T, 2 * E * inB + 4 * E + rB);
+    const yasc = new Float32Array(T * K);
+    const n = this.#chunk(T, E * inB + 4 * E + rB + K * (inB + 8));
     const k = this.#k;
     const L = new Layout(k.heapBase());
     const scratch = this.#scratch(L, k.scratchBytes(E, K, plan.numGroups));
     const bias = plan.bias ? L.take(4 * align16(E)) : 0;
     const inP = L.take(n * E * inB);
-    const probsP = L.take(n * E * inB);
-    const interP = L.take(n * E * 4);
+    const interP = this.#scratch(L, n * E * 4); // per thread: row vectors spill past the row end
     const routeP = L.take(n * rB);
+    const valsP = L.take(n * K * inB);
+    const listP = L.take(n * K * 4);
+    const yascP = L.take(n * K * 4);
     this.#ensure(L.end, "fusedTopkWithScoreFunction");
     if (plan.bias) {
       this.#bytes().fill(0, bias, bias + 4 * align16(E));
       this.#put(bias, plan.bias, 0, E);
     }
-    const routeElems = route === "bytemap" || route === "bitmap_u8" ? rB : K;
+    const routeElems = isMap(route) ? rB : K;
     for (let t0 = 0; t0 < T; t0 += n) {
       const m = Math.min(n, T - t0);
       this.#put(inP, logits.data, t0 * E, m * E);
-      await this.#exec("topkForward", m, this.#split(m, E), (a, rows, j) => [
+      const ranges = this.#ranges(m, E);
+      await this.#exec("topkForward", ranges, (a, rows, j) => [
         inP + a * E * inB,
         DT[dtype],
         rows,
@@ -301,23 +298,103 @@ export class WasmBackend implements Backend {
         bias,
         ROUTE[route],
         plan.radixThreshold,
-        probsP + a * E * inB,
-        interP + a * E * 4,
+        valsP + a * K * inB,
+        listP + a * K * 4,
+        yascP + a * K * 4,
+        interP[j] as number,
         routeP + a * rB,
         scratch[j] as number,
       ]);
-      this.#get(probsP, probs, t0 * E, m * E);
-      this.#get(interP, intermediate, t0 * E, m * E);
+      ranges.forEach(([a, rows], j) => this.#get(interP[j] as number, intermediate, (t0 + a) * E, rows * E));
       this.#get(routeP, routeOut, t0 * routeElems, m * routeElems);
+      this.#get(yascP, yasc, t0 * K, m * K);
+      // probs: scatter the K values of each token into the zeroed rows
+      const list = new Int32Array(k.memory.buffer, listP, m * K);
+      const vals = this.#bits(dtype, valsP, m * K);
+      for (let t = 0; t < m; t++) {
+        const row = (t0 + t) * E;
+        for (let c = t * K, end = c + K; c < end; c++) probsBits[row + (list[c] as number)] = vals[c] as number;
+      }
     }
-    // the saved state keeps its own copy of dense indices: callers often reuse their buffer
-    const saved = route === "bytemap" || route === "bitmap_u8" ? routeOut : routeOut.slice();
-    return { probs, intermediate, route: routeOut, payload: { intermediate, route: saved } };
+    const payload: TopkPayload = {
+      route: routeOut.slice(),
+      yasc,
+      full: plan.score === "softmax" && plan.pre ? intermediate.slice() : null,
+    };
+    return { probs, intermediate, route: routeOut, payload };
   }
 
-  async topkBackward(plan: TopkPlan, payload: unknown, grad: FloatTensor): Promise<FloatTensor["data"]> {
+  topkBackward(plan: TopkPlan, payload: unknown, grad: FloatTensor): Promise<FloatTensor["data"]> {
+    const saved = payload as TopkPayload;
+    return this.#serial(() =>
+      saved.full ? this.#topkBackwardDense(plan, saved, grad) : this.#topkBackwardSparse(plan, saved, grad)
+    );
+  }
+
+  // Every expert but pre-softmax's: read the chosen experts back from the
+  // routing output (any format), gather gradProbs there, run the compact
+  // kernel, scatter into zeroed rows.
+  async #topkBackwardSparse(plan: TopkPlan, saved: TopkPayload, grad: FloatTensor): Promise<FloatTensor["data"]> {
     const { T, E, K, dtype, route } = plan;
-    const saved = payload as { intermediate: Float32Array; route: Uint8Array | IndexArray };
+    const inB = BYTES_OF[dtype];
+    const rB = routeRowBytes(route, E, K);
+    const out = newFloat(dtype, T * E);
+    const outBits = rawBits(out);
+    const gradBits = rawBits(grad.data);
+    const n = this.#chunk(T, rB + K * (2 * inB + 16));
+    const k = this.#k;
+    const L = new Layout(k.heapBase());
+    const listScratch = L.take(align16(E) + 4 * K);
+    const routeP = L.take(n * rB);
+    const listP = L.take(n * K * 4);
+    const gvP = L.take(n * K * inB);
+    const yvP = L.take(n * K * 4);
+    const outP = L.take(n * K * inB);
+    const aP = this.#scratch(L, n * K * 4); // per thread: vectors spill past the end
+    const daP = this.#scratch(L, n * K * 4);
+    this.#ensure(L.end, "fusedTopkWithScoreFunctionBackward");
+    const routeElems = isMap(route) ? rB : K;
+    for (let t0 = 0; t0 < T; t0 += n) {
+      const m = Math.min(n, T - t0);
+      this.#put(routeP, saved.route, t0 * routeElems, m * routeElems);
+      k.routeList(ROUTE[route], m, E, K, routeP, listP, listScratch);
+      this.#put(yvP, saved.yasc, t0 * K, m * K);
+      const list = new Int32Array(k.memory.buffer, listP, m * K);
+      const gv = this.#bits(dtype, gvP, m * K);
+      for (let t = 0; t < m; t++) {
+        const row = (t0 + t) * E;
+        for (let c = t * K, end = c + K; c < end; c++) {
+          const e = list[c] as number;
+          gv[c] = e < 0 ? 0 : gradBits[row + e] as number;
+        }
+      }
+      await this.#exec("topkBackwardSparse", this.#ranges(m, E), (a, rows, j) => [
+        DT[dtype],
+        rows,
+        K,
+        SCORE[plan.score],
+        plan.scale,
+        gvP + a * K * inB,
+        yvP + a * K * 4,
+        outP + a * K * inB,
+        aP[j] as number,
+        daP[j] as number,
+      ]);
+      const ov = this.#bits(dtype, outP, m * K);
+      for (let t = 0; t < m; t++) {
+        const row = (t0 + t) * E;
+        for (let c = t * K, end = c + K; c < end; c++) {
+          const e = list[c] as number;
+          if (e >= 0) outBits[row + e] = ov[c] as number;
+        }
+      }
+    }
+    return out;
+  }
+
+  // Pre-softmax: every expert gets a gradient; dense rows.
+  async #topkBackwardDense(plan: TopkPlan, saved: TopkPayload, grad: FloatTensor): Promise<FloatTensor["data"]> {
+    const { T, E, K, dtype, route } = plan;
     const inB = BYTES_OF[dtype];
     const rB = routeRowBytes(route, E, K);
     const out = newFloat(dtype, T * E);
@@ -330,13 +407,13 @@ export class WasmBackend implements Backend {
     const routeP = L.take(n * rB);
     const outP = L.take(n * E * inB);
     this.#ensure(L.end, "fusedTopkWithScoreFunctionBackward");
-    const routeElems = route === "bytemap" || route === "bitmap_u8" ? rB : K;
+    const routeElems = isMap(route) ? rB : K;
     for (let t0 = 0; t0 < T; t0 += n) {
       const m = Math.min(n, T - t0);
       this.#put(gradP, grad.data, t0 * E, m * E);
-      this.#put(interP, saved.intermediate, t0 * E, m * E);
+      this.#put(interP, saved.full as Float32Array, t0 * E, m * E);
       this.#put(routeP, saved.route, t0 * routeElems, m * routeElems);
-      await this.#exec("topkBackward", m, this.#split(m, E), (a, rows, j) => [
+      await this.#exec("topkBackward", this.#ranges(m, E), (a, rows, j) => [
         gradP + a * E * inB,
         DT[dtype],
         rows,
@@ -356,124 +433,131 @@ export class WasmBackend implements Backend {
     return out;
   }
 
-  async auxScoresForward(plan: AuxScoresPlan, logits: FloatTensor): Promise<AuxScoresForwardOut> {
-    const { T, E, K, dtype, route } = plan;
-    const inB = BYTES_OF[dtype];
-    const rB = routeRowBytes(route, E, K);
-    const scores = new Float32Array(T * E);
-    const intermediate = new Float32Array(T * E);
-    const routeOut = new Uint8Array(T * rB);
-    const n = this.#chunk(T, E * inB + 8 * E + rB);
-    const k = this.#k;
-    const L = new Layout(k.heapBase());
-    const scratch = this.#scratch(L, k.scratchBytes(E, K, 0));
-    const inP = L.take(n * E * inB);
-    const scoresP = L.take(n * E * 4);
-    const interP = L.take(n * E * 4);
-    const routeP = L.take(n * rB);
-    this.#ensure(L.end, "fusedComputeScoreForMoEAuxLoss");
-    for (let t0 = 0; t0 < T; t0 += n) {
-      const m = Math.min(n, T - t0);
-      this.#put(inP, logits.data, t0 * E, m * E);
-      await this.#exec("auxScoresForward", m, this.#split(m, E), (a, rows, j) => [
-        inP + a * E * inB,
-        DT[dtype],
-        rows,
-        E,
-        K,
-        SCORE[plan.score],
-        ROUTE[route],
-        plan.radixThreshold,
-        scoresP + a * E * 4,
-        interP + a * E * 4,
-        routeP + a * rB,
-        scratch[j] as number,
-      ]);
-      this.#get(scoresP, scores, t0 * E, m * E);
-      this.#get(interP, intermediate, t0 * E, m * E);
-      this.#get(routeP, routeOut, t0 * rB, m * rB);
-    }
-    return { scores, intermediate, route: routeOut, payload: intermediate };
+  auxScoresForward(plan: AuxScoresPlan, logits: FloatTensor): Promise<AuxScoresForwardOut> {
+    return this.#serial(async () => {
+      const { T, E, K, dtype, route } = plan;
+      const inB = BYTES_OF[dtype];
+      const rB = routeRowBytes(route, E, K);
+      const scores = new Float32Array(T * E);
+      const intermediate = new Float32Array(T * E);
+      const routeOut = new Uint8Array(T * rB);
+      const n = this.#chunk(T, E * inB + 8 * E + rB);
+      const k = this.#k;
+      const L = new Layout(k.heapBase());
+      const scratch = this.#scratch(L, k.scratchBytes(E, K, 0));
+      const inP = L.take(n * E * inB);
+      const scoresP = L.take(n * E * 4);
+      const interP = L.take(n * E * 4);
+      const routeP = L.take(n * rB);
+      this.#ensure(L.end, "fusedComputeScoreForMoEAuxLoss");
+      for (let t0 = 0; t0 < T; t0 += n) {
+        const m = Math.min(n, T - t0);
+        this.#put(inP, logits.data, t0 * E, m * E);
+        await this.#exec("auxScoresForward", this.#ranges(m, E), (a, rows, j) => [
+          inP + a * E * inB,
+          DT[dtype],
+          rows,
+          E,
+          K,
+          SCORE[plan.score],
+          ROUTE[route],
+          plan.radixThreshold,
+          scoresP + a * E * 4,
+          interP + a * E * 4,
+          routeP + a * rB,
+          scratch[j] as number,
+        ]);
+        this.#get(scoresP, scores, t0 * E, m * E);
+        this.#get(interP, intermediate, t0 * E, m * E);
+        this.#get(routeP, routeOut, t0 * rB, m * rB);
+      }
+      // the saved copy lets callers edit the returned intermediate
+      return { scores, intermediate, route: routeOut, payload: intermediate.slice() };
+    });
   }
 
-  async auxScoresBackward(
-    plan: AuxScoresPlan,
-    payload: unknown,
-    grad: Tensor<"float32">,
-  ): Promise<FloatTensor["data"]> {
-    const { T, E, dtype } = plan;
-    const intermediate = payload as Float32Array;
-    const outB = BYTES_OF[dtype];
-    const out = newFloat(dtype, T * E);
-    const n = this.#chunk(T, 8 * E + E * outB);
-    const k = this.#k;
-    const L = new Layout(k.heapBase());
-    const scratch = this.#scratch(L, k.scratchBytes(E, 1, 0));
-    const gradP = L.take(n * E * 4);
-    const interP = L.take(n * E * 4);
-    const outP = L.take(n * E * outB);
-    this.#ensure(L.end, "fusedComputeScoreForMoEAuxLossBackward");
-    for (let t0 = 0; t0 < T; t0 += n) {
-      const m = Math.min(n, T - t0);
-      this.#put(gradP, grad.data, t0 * E, m * E);
-      this.#put(interP, intermediate, t0 * E, m * E);
-      await this.#exec("auxScoresBackward", m, this.#split(m, E), (a, rows, j) => [
-        gradP + a * E * 4,
-        rows,
-        E,
-        SCORE[plan.score],
-        interP + a * E * 4,
-        DT[dtype],
-        outP + a * E * outB,
-        scratch[j] as number,
-      ]);
-      this.#get(outP, out, t0 * E, m * E);
-    }
-    return out;
+  auxScoresBackward(plan: AuxScoresPlan, payload: unknown, grad: Tensor<"float32">): Promise<FloatTensor["data"]> {
+    return this.#serial(async () => {
+      const { T, E, dtype } = plan;
+      const intermediate = payload as Float32Array;
+      const outB = BYTES_OF[dtype];
+      const out = newFloat(dtype, T * E);
+      const n = this.#chunk(T, 8 * E + E * outB);
+      const k = this.#k;
+      const L = new Layout(k.heapBase());
+      const scratch = this.#scratch(L, k.scratchBytes(E, 1, 0));
+      const gradP = L.take(n * E * 4);
+      const interP = L.take(n * E * 4);
+      const outP = L.take(n * E * outB);
+      this.#ensure(L.end, "fusedComputeScoreForMoEAuxLossBackward");
+      for (let t0 = 0; t0 < T; t0 += n) {
+        const m = Math.min(n, T - t0);
+        this.#put(gradP, grad.data, t0 * E, m * E);
+        this.#put(interP, intermediate, t0 * E, m * E);
+        await this.#exec("auxScoresBackward", this.#ranges(m, E), (a, rows, j) => [
+          gradP + a * E * 4,
+          rows,
+          E,
+          SCORE[plan.score],
+          interP + a * E * 4,
+          DT[dtype],
+          outP + a * E * outB,
+          scratch[j] as number,
+        ]);
+        this.#get(outP, out, t0 * E, m * E);
+      }
+      return out;
+    });
   }
 
-  // The aux loss reads each element once; it stays on one thread.
+  // The aux loss reads each element once; it stays on one thread. Column
+  // sums accumulate across chunks, so chunking never changes the result.
   auxLossForward(plan: AuxLossPlan, probs: FloatTensor): Promise<FloatTensor["data"]> {
-    const { rows, cols, dtype } = plan;
-    const inB = BYTES_OF[dtype];
-    const n = this.#chunk(rows, cols * inB);
-    const k = this.#k;
-    const L = new Layout(k.heapBase());
-    const tpeP = L.take(cols * 4);
-    const colsumP = L.take(cols * 4);
-    const inP = L.take(n * cols * inB);
-    this.#ensure(L.end, "fusedMoEAuxLoss");
-    this.#put(tpeP, plan.tpe, 0, cols);
-    let total = 0;
-    for (let t0 = 0; t0 < rows; t0 += n) {
-      const m = Math.min(n, rows - t0);
-      this.#put(inP, probs.data, t0 * cols, m * cols);
-      total = Math.fround(total + k.auxLossSum(inP, DT[dtype], m, cols, tpeP, colsumP));
-    }
-    const loss = newFloat(dtype, 1);
-    writeNarrowed(loss, Math.fround(total * Math.fround(plan.constant)));
-    return Promise.resolve(loss);
+    return this.#serial(() => {
+      const { rows, cols, dtype } = plan;
+      const inB = BYTES_OF[dtype];
+      const n = this.#chunk(rows, cols * inB);
+      const k = this.#k;
+      const L = new Layout(k.heapBase());
+      const tpeP = L.take(cols * 4);
+      const colsumP = L.take(cols * 4);
+      const inP = L.take(n * cols * inB);
+      this.#ensure(L.end, "fusedMoEAuxLoss");
+      this.#put(tpeP, plan.tpe, 0, cols);
+      this.#bytes().fill(0, colsumP, colsumP + cols * 4);
+      for (let t0 = 0; t0 < rows; t0 += n) {
+        const m = Math.min(n, rows - t0);
+        this.#put(inP, probs.data, t0 * cols, m * cols);
+        k.auxLossColumns(inP, DT[dtype], m, cols, colsumP);
+      }
+      const total = k.auxLossDot(cols, tpeP, colsumP);
+      const loss = newFloat(dtype, 1);
+      writeNarrowed(loss, Math.fround(total * Math.fround(plan.constant)));
+      return loss;
+    });
   }
 
   auxLossBackward(plan: AuxLossPlan, gradLoss: number): Promise<FloatTensor["data"]> {
-    const { rows, cols, dtype } = plan;
-    const outB = BYTES_OF[dtype];
-    const out = newFloat(dtype, rows * cols);
-    const n = this.#chunk(rows, cols * outB);
-    const k = this.#k;
-    const L = new Layout(k.heapBase());
-    const tpeP = L.take(cols * 4);
-    const scratch = L.take(cols * 4);
-    const outP = L.take(n * cols * outB);
-    this.#ensure(L.end, "fusedMoEAuxLossBackward");
-    this.#put(tpeP, plan.tpe, 0, cols);
-    const g = Math.fround(Math.fround(gradLoss) * Math.fround(plan.constant));
-    for (let t0 = 0; t0 < rows; t0 += n) {
-      const m = Math.min(n, rows - t0);
-      k.auxLossBackward(g, m, cols, tpeP, DT[dtype], outP, scratch);
-      this.#get(outP, out, t0 * cols, m * cols);
-    }
-    return Promise.resolve(out);
+    return this.#serial(() => {
+      const { rows, cols, dtype } = plan;
+      const outB = BYTES_OF[dtype];
+      const out = newFloat(dtype, rows * cols);
+      const n = this.#chunk(rows, cols * outB);
+      const k = this.#k;
+      const L = new Layout(k.heapBase());
+      const tpeP = L.take(cols * 4);
+      const scratch = L.take(cols * 4);
+      const outP = L.take(n * cols * outB);
+      this.#ensure(L.end, "fusedMoEAuxLossBackward");
+      this.#put(tpeP, plan.tpe, 0, cols);
+      const g = Math.fround(Math.fround(gradLoss) * Math.fround(plan.constant));
+      for (let t0 = 0; t0 < rows; t0 += n) {
+        const m = Math.min(n, rows - t0);
+        k.auxLossBackward(g, m, cols, tpeP, DT[dtype], outP, scratch);
+        this.#get(outP, out, t0 * cols, m * cols);
+      }
+      return out;
+    });
   }
 
   /** Test hook: runs a SIMD math routine (0 exp, 1 log1p, 2 sigmoid, 3 sqrtsoftplus) over xs. */
@@ -495,8 +579,16 @@ function newFloat(dtype: FloatDType, n: number): FloatTensor["data"] {
   return new (ARRAY_OF[dtype] as new (n: number) => FloatTensor["data"])(n);
 }
 
+// The raw bits of a float array: scatter and gather move bits, never values
+// (no NaN payload rewriting, no float16 conversion on the way).
+function rawBits(data: FloatTensor["data"]): Uint32Array | Uint16Array {
+  return data instanceof Float32Array
+    ? new Uint32Array(data.buffer, data.byteOffset, data.length)
+    : new Uint16Array(data.buffer, data.byteOffset, data.length);
+}
+
 function newRoute(route: RouteFormat, T: number, E: number, K: number): Uint8Array | IndexArray {
-  if (route === "bytemap" || route === "bitmap_u8") return new Uint8Array(T * routeRowBytes(route, E, K));
+  if (isMap(route)) return new Uint8Array(T * routeRowBytes(route, E, K));
   return new (ARRAY_OF[route] as new (n: number) => IndexArray)(T * K);
 }
 

@@ -864,14 +864,18 @@ function readRoute(fmt: i32, E: i32, K: i32, route: usize, M: usize): void {
 // ---- top-k router forward ---------------------------------------------------------
 
 /**
- * Forward of the top-k router for T tokens (SPEC section 2). Writes probs
- * (logits dtype), intermediate (f32) and the routing output. bias = 0: none.
+ * Forward of the top-k router for T tokens (SPEC section 2). Writes, per
+ * token: the K chosen experts in selection order (list, i32) with their
+ * probs (vals, logits dtype) — the host scatters them into the dense probs,
+ * which are 0 elsewhere; the intermediate row (f32); the routing output; and
+ * the intermediate at the chosen experts in ascending expert order (yasc,
+ * f32), all that the sparse backward needs. bias = 0: none.
  */
 export function topkForward(
   logits: usize, dt: i32, T: i32, E: i32, K: i32,
   fn: i32, pre: bool, G: i32, GK: i32, scale: f32, bias: usize,
   fmt: i32, radixThreshold: i32,
-  probs: usize, inter: usize, route: usize, scratch: usize,
+  vals: usize, list: usize, yasc: usize, inter: usize, route: usize, scratch: usize,
 ): void {
   const E4 = roundUp4(E);
   const E16 = roundUp16(E);
@@ -994,11 +998,11 @@ export function topkForward(
       }
     }
 
-    // write: probs = c * v at the chosen experts, 0 elsewhere
-    const prow = probs + tt * inB;
-    memory.fill(prow, 0, <usize>E * inB);
+    // write: probs = c * v at the chosen experts, as (list, vals) pairs
+    const tk = <usize>t * <usize>K;
     for (let k = 0; k < K; k++) {
-      storeAs(prow, load<i32>(CHOSEN + (<usize>k << 2)), dt, load<f32>(VAL + (<usize>k << 2)) * scale);
+      store<i32>(list + ((tk + k) << 2), load<i32>(CHOSEN + (<usize>k << 2)));
+      storeAs(vals + tk * inB, k, dt, load<f32>(VAL + (<usize>k << 2)) * scale);
     }
     // write: intermediate (post-softmax: -inf but at the chosen experts; the
     // others were written by the score pass)
@@ -1007,6 +1011,169 @@ export function topkForward(
       for (let k = 0; k < K; k++) store<f32>(irow + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2), load<f32>(VAL + (<usize>k << 2)));
     }
     writeRoute(fmt, E, K, CHOSEN, route + <usize>t * routeB);
+    // write: the intermediate at the chosen experts, ascending (KEY is free now)
+    const asc = list + (tk << 2);
+    ascending(asc, K, E, KEY, CHOSEN);
+    for (let k = 0; k < K; k++) {
+      store<f32>(yasc + ((tk + k) << 2), load<f32>(irow + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2)));
+    }
+  }
+}
+
+// The K expert ids at src (i32) in ascending order, into dst: insertion sort
+// for small K, else a byte mask of E (MASK: E16 bytes) scanned 16 at a time.
+function ascending(src: usize, K: i32, E: i32, MASK: usize, dst: usize): void {
+  if (K <= 32) {
+    for (let a = 0; a < K; a++) {
+      const v = load<i32>(src + (<usize>a << 2));
+      let b = a - 1;
+      while (b >= 0 && load<i32>(dst + (<usize>b << 2)) > v) {
+        store<i32>(dst + (<usize>(b + 1) << 2), load<i32>(dst + (<usize>b << 2)));
+        b--;
+      }
+      store<i32>(dst + (<usize>(b + 1) << 2), v);
+    }
+    return;
+  }
+  const E16 = roundUp16(E);
+  memory.fill(MASK, 0, <usize>E16);
+  for (let k = 0; k < K; k++) store<u8>(MASK + <usize>load<i32>(src + (<usize>k << 2)), 1);
+  maskToList(MASK, E16, K, dst);
+}
+
+// Ascending positions of the nonzero bytes of MASK[0, n) (n a multiple of
+// 16), at most K of them, into dst; returns how many.
+function maskToList(MASK: usize, n: i32, K: i32, dst: usize): i32 {
+  let c = 0;
+  for (let i = 0; i < n && c < K; i += 16) {
+    let hits = i8x16.bitmask(i8x16.ne(v128.load(MASK + <usize>i), i8x16.splat(0)));
+    while (hits && c < K) {
+      store<i32>(dst + (<usize>c << 2), i + ctz(hits));
+      c++;
+      hits &= hits - 1;
+    }
+  }
+  return c;
+}
+
+/**
+ * The chosen experts of each token, ascending, from a routing output of any
+ * format (bytemap, bitmap_u8, dense indices), into list (T x K, i32); rows
+ * that hold fewer than K experts are padded with -1. MASK: scratch of E16
+ * bytes.
+ */
+export function routeList(fmt: i32, T: i32, E: i32, K: i32, route: usize, list: usize, scratch: usize): void {
+  const routeB = <usize>routeRowBytes(fmt, E, K);
+  const E16 = roundUp16(E);
+  for (let t = 0; t < T; t++) {
+    const row = route + <usize>t * routeB;
+    const dst = list + ((<usize>t * <usize>K) << 2);
+    let c = 0;
+    if (fmt == ROUTE_BYTEMAP) {
+      // whole vectors of 16 bytes, then the row's tail
+      let i = 0;
+      for (; i + 16 <= E && c < K; i += 16) {
+        let hits = i8x16.bitmask(i8x16.ne(v128.load(row + <usize>i), i8x16.splat(0)));
+        while (hits && c < K) {
+          store<i32>(dst + (<usize>c << 2), i + ctz(hits));
+          c++;
+          hits &= hits - 1;
+        }
+      }
+      for (; i < E && c < K; i++) {
+        if (load<u8>(row + <usize>i)) {
+          store<i32>(dst + (<usize>c << 2), i);
+          c++;
+        }
+      }
+    } else if (fmt == ROUTE_BITMAP) {
+      const nb = (E + 7) >> 3;
+      for (let b = 0; b < nb && c < K; b++) {
+        let bits = <i32>load<u8>(row + <usize>b);
+        while (bits && c < K) {
+          const e = (b << 3) + ctz(bits);
+          if (e < E) {
+            store<i32>(dst + (<usize>c << 2), e);
+            c++;
+          }
+          bits &= bits - 1;
+        }
+      }
+    } else {
+      // dense ids -> i32 (ids outside [0, E) are dropped), then ascending
+      const ids = scratch + <usize>E16;
+      let n = 0;
+      for (let k = 0; k < K; k++) {
+        let e: i32;
+        if (fmt == ROUTE_I16) e = <i32>load<i16>(row + (<usize>k << 1));
+        else if (fmt == ROUTE_I32) e = load<i32>(row + (<usize>k << 2));
+        else e = <i32>load<i64>(row + (<usize>k << 3));
+        if (e >= 0 && e < E) {
+          store<i32>(ids + (<usize>n << 2), e);
+          n++;
+        }
+      }
+      ascending(ids, n, E, scratch, dst);
+      c = n;
+    }
+    for (; c < K; c++) store<i32>(dst + (<usize>c << 2), -1);
+  }
+}
+
+/**
+ * Sparse backward of the top-k router (SPEC section 3) for every score
+ * function but pre-softmax: only the K chosen experts of a token get a
+ * gradient, so it runs on compact rows, in ascending expert order: gv (the
+ * gradProbs at the chosen experts, logits dtype), yv (the saved
+ * intermediate there, f32) -> outv (gradLogits there, logits dtype). The
+ * host gathers and scatters. A, DA: scratch of T * K4 f32 each.
+ */
+export function topkBackwardSparse(
+  dt: i32, T: i32, K: i32, fn: i32, scale: f32, gv: usize, yv: usize, outv: usize, A: usize, DA: usize,
+): void {
+  const n = T * K;
+  const n4 = roundUp4(n);
+  // activations a and the activation derivative, 4 lanes of the compact
+  // rows at a time (the vector past the end reads the region's slack)
+  if (fn != SCORE_SOFTMAX) {
+    for (let i = 0; i < n4; i += 4) {
+      const o = <usize>i << 2;
+      const y = v128.load(yv + o);
+      const a = fn == SCORE_SIGMOID ? y : vsqrtsoftplus(y);
+      v128.store(A + o, a);
+      v128.store(DA + o, activationDerivative(fn, y, a));
+    }
+  }
+  for (let t = 0; t < T; t++) {
+    const b = t * K;
+    if (fn == SCORE_SOFTMAX) {
+      // post-softmax: g_i = y_i * (g_i - sum(g * y)) over the chosen
+      let d: f32 = 0;
+      for (let k = 0; k < K; k++) d += loadAs(gv, b + k, dt) * scale * load<f32>(yv + (<usize>(b + k) << 2));
+      for (let k = 0; k < K; k++) {
+        const y = load<f32>(yv + (<usize>(b + k) << 2));
+        storeAs(outv, b + k, dt, y * (loadAs(gv, b + k, dt) * scale - d));
+      }
+      continue;
+    }
+    if (K > 1) {
+      // normalisation backward: g_i = g_i / S - D / S^2, S = sum(a) + eps, D = sum(g * a)
+      let sa: f32 = 0;
+      let ga: f32 = 0;
+      for (let k = 0; k < K; k++) {
+        const a = load<f32>(A + (<usize>(b + k) << 2));
+        sa += a;
+        ga += loadAs(gv, b + k, dt) * scale * a;
+      }
+      const S = sa + EPS;
+      const D = ga / (S * S);
+      for (let k = 0; k < K; k++) {
+        const g = (loadAs(gv, b + k, dt) * scale) / S - D;
+        storeAs(outv, b + k, dt, g * load<f32>(DA + (<usize>(b + k) << 2)));
+      }
+    } else {
+      storeAs(outv, b, dt, loadAs(gv, b, dt) * scale * load<f32>(DA + (<usize>b << 2)));
+    }
   }
 }
 
@@ -1099,19 +1266,18 @@ export function topkBackward(
 //   sqrtsoftplus: g *= sigmoid(x) / (2 * a + eps), a = sqrtsoftplus(x);
 //   above x = 20 softplus is the identity, so its derivative is 1, not sigmoid(x).
 function activationBackward(fn: i32, Y: usize, A: usize, Gr: usize, E4: i32): void {
-  const one = ONE();
   for (let i = 0; i < E4; i += 4) {
     const o = <usize>i << 2;
-    const y = v128.load(Y + o);
-    let d: v128;
-    if (fn == SCORE_SIGMOID) {
-      d = f32x4.mul(y, f32x4.sub(one, y));
-    } else {
-      const sg = v128.bitselect(one, vsigmoid(y), f32x4.gt(y, SOFTPLUS_LIN()));
-      d = f32x4.div(sg, f32x4.add(f32x4.mul(TWO(), v128.load(A + o)), EPS_V()));
-    }
-    v128.store(Gr + o, f32x4.mul(v128.load(Gr + o), d));
+    v128.store(Gr + o, f32x4.mul(v128.load(Gr + o), activationDerivative(fn, v128.load(Y + o), v128.load(A + o))));
   }
+}
+
+// d activation / dx from the saved y (sigmoid: y = sigmoid(x); sqrtsoftplus:
+// y = x) and a = the activation.
+@inline function activationDerivative(fn: i32, y: v128, a: v128): v128 {
+  if (fn == SCORE_SIGMOID) return f32x4.mul(y, f32x4.sub(ONE(), y));
+  const sg = v128.bitselect(ONE(), vsigmoid(y), f32x4.gt(y, SOFTPLUS_LIN()));
+  return f32x4.div(sg, f32x4.add(f32x4.mul(TWO(), a), EPS_V()));
 }
 
 // ---- aux-loss scores ---------------------------------------------------------------
@@ -1215,12 +1381,10 @@ export function auxScoresBackward(
 // ---- aux loss -----------------------------------------------------------------------
 
 /**
- * sum_j (sum_t probs[t, j]) * tpe[j] over rows x cols; tpe is f32 [cols].
- * Column sums use COLSUM[cols4] scratch; the caller applies the constant.
+ * Adds the column sums of probs [rows, cols] into COLSUM[cols] (f32; the
+ * host zeroes it once, so chunks of rows add up exactly like one call).
  */
-export function auxLossSum(probs: usize, dt: i32, rows: i32, cols: i32, tpe: usize, colsum: usize): f32 {
-  const C4 = roundUp4(cols);
-  memory.fill(colsum, 0, <usize>C4 << 2);
+export function auxLossColumns(probs: usize, dt: i32, rows: i32, cols: i32, colsum: usize): void {
   const b = <usize>dtBytes(dt);
   for (let t = 0; t < rows; t++) {
     const row = probs + <usize>t * <usize>cols * b;
@@ -1235,6 +1399,10 @@ export function auxLossSum(probs: usize, dt: i32, rows: i32, cols: i32, tpe: usi
       for (let j = 0; j < cols; j++) store<f32>(colsum + (<usize>j << 2), load<f32>(colsum + (<usize>j << 2)) + loadAs(row, j, dt));
     }
   }
+}
+
+/** sum_j COLSUM[j] * tpe[j], in column order (tpe: f32 [cols]). */
+export function auxLossDot(cols: i32, tpe: usize, colsum: usize): f32 {
   let total: f32 = 0;
   for (let j = 0; j < cols; j++) total += load<f32>(colsum + (<usize>j << 2)) * load<f32>(tpe + (<usize>j << 2));
   return total;

@@ -1100,3 +1100,41 @@ Deno.test("the SIMD exp, log1p, sigmoid and sqrtsoftplus stay within a few float
   });
   console.log(`worst errors: ${report.join(", ")}`);
 });
+
+Deno.test("extreme logits keep their order: tiny scores stay distinct instead of flushing to 0", async (t) => {
+  const router = await createRouter({ backend: "wasm", threads: 1 });
+  const cases: Array<{ name: string; logits: number[]; options: TopkOptions; want: number[] }> = [
+    {
+      name: "sigmoid of -100 and -88.4",
+      logits: [-100, -88.4],
+      options: { topk: 1, scoreFunction: "sigmoid" },
+      want: [1],
+    },
+    {
+      name: "sqrtsoftplus of -110 and -105",
+      logits: [-110, -105],
+      options: { topk: 1, scoreFunction: "sqrtsoftplus" },
+      want: [1],
+    },
+    {
+      name: "pre-softmax of [0, -100, -90]",
+      logits: [0, -100, -90],
+      options: { topk: 2, scoreFunction: "softmax", usePreSoftmax: true },
+      want: [0, 2],
+    },
+  ];
+  for (const c of cases) {
+    await t.step(c.name, async () => {
+      const logits = { data: new Float32Array(c.logits), shape: [1, c.logits.length], dtype: "float32" as const };
+      for (const radixTopkThreshold of [1, Infinity]) {
+        const out = await router.fusedTopkWithScoreFunction(logits, {
+          ...c.options,
+          indexDtype: "int32",
+          radixTopkThreshold,
+        });
+        assert.deepStrictEqual([...out.indices!.data], c.want);
+      }
+    });
+  }
+  router.dispose();
+});

@@ -162,9 +162,9 @@ function narrowRow(src: usize, E: i32, dt: i32, dst: usize): void {
 // Vector constants live in a table in linear memory: V8 rebuilds a v128.const
 // from immediates on every use (several instructions), a load is one.
 const VCONST = memory.data<f32>([
-  -87.33654475, -87.33654475, -87.33654475, -87.33654475, // EXP_LO
-  88.37, 88.37, 88.37, 88.37, // EXP_HI
-  12583039.0, 12583039.0, 12583039.0, 12583039.0, // EXP_SHIFT
+  -104.0, -104.0, -104.0, -104.0, // EXP_LO
+  89.0, 89.0, 89.0, 89.0, // EXP_HI
+  12582912.0, 12582912.0, 12582912.0, 12582912.0, // EXP_SHIFT
   1.4426950408889634, 1.4426950408889634, 1.4426950408889634, 1.4426950408889634, // LOG2E
   0.693359375, 0.693359375, 0.693359375, 0.693359375, // LN2_HI
   -0.00021219444, -0.00021219444, -0.00021219444, -0.00021219444, // LN2_LO
@@ -234,6 +234,15 @@ const VCONST = memory.data<f32>([
 @inline function IOTA(): v128 { return v128.load(VCONST + 528); }
 @inline function NEG_INF(): v128 { return v128.load(VCONST + 544); }
 
+// exp(x) on 4 lanes, about 1 ulp over the whole float32 range, subnormal
+// results included: x = n*ln2 + r with |r| <= ln2/2 (Cody-Waite split of
+// ln2), exp(r) by Cephes' degree-6 polynomial, then times 2^n. n is rounded
+// by the shifter trick (adding 1.5 * 2^23 leaves n in the low mantissa
+// bits), and 2^n is applied as 2^(n >> 1) * 2^(n - (n >> 1)), two normal
+// factors for n in [-150, 128], so results below 2^-126 come out subnormal
+// rather than 0 and results above FLT_MAX overflow to inf. x is clamped to
+// [-104, 89] first (pmin / pmax: one instruction each; NaN in x propagates);
+// below -104 the result is 0.
 @inline function vexp(x: v128): v128 {
   const lo = EXP_LO();
   const xc = f32x4.pmax(f32x4.pmin(x, EXP_HI()), lo);
@@ -248,7 +257,11 @@ const VCONST = memory.data<f32>([
   p = f32x4.add(f32x4.mul(p, r), EXP_P4());
   p = f32x4.add(f32x4.mul(p, r), EXP_P5());
   p = f32x4.add(f32x4.add(f32x4.mul(f32x4.mul(p, r), r), r), ONE());
-  const y = f32x4.mul(p, i32x4.shl(t, 23));
+  const ni = i32x4.sub(t, EXP_SHIFT()); // the integer n, from the bits
+  const n1 = i32x4.shr_s(ni, 1);
+  const s1 = i32x4.shl(i32x4.add(n1, I127()), 23);
+  const s2 = i32x4.shl(i32x4.add(i32x4.sub(ni, n1), I127()), 23);
+  const y = f32x4.mul(f32x4.mul(p, s1), s2);
   return v128.andnot(y, f32x4.lt(x, lo));
 }
 
@@ -292,21 +305,25 @@ const VCONST = memory.data<f32>([
   return v128.bitselect(u, y, f32x4.eq(u, INF()));
 }
 
-// sigmoid(x) = 1 / (1 + exp(-x))
+// sigmoid(x) = 1 / (1 + exp(-x)) for x >= 0, and exp(x) / (1 + exp(x))
+// below, so that exp never overflows and tiny sigmoids keep their
+// (subnormal) values instead of collapsing to 0.
 @inline function vsigmoid(x: v128): v128 {
-  return f32x4.div(ONE(), f32x4.add(ONE(), vexp(f32x4.neg(x))));
+  const e = vexp(f32x4.neg(f32x4.abs(x)));
+  const d = f32x4.div(ONE(), f32x4.add(ONE(), e));
+  return v128.bitselect(d, f32x4.mul(e, d), f32x4.ge(x, f32x4.splat(0)));
 }
 
-// softplus(x) = log1p(exp(x)), and exactly x above 20 (float32 identity there,
-// and it avoids exp overflow).
-@inline function vsoftplus(x: v128): v128 {
-  const lin = f32x4.gt(x, SOFTPLUS_LIN());
-  return v128.bitselect(x, vlog1p(vexp(x)), lin);
-}
-
-// sqrtsoftplus(x) = sqrt(softplus(x))
+// sqrtsoftplus(x) = sqrt(softplus(x)), softplus(x) = log1p(exp(x)):
+//   above 20, softplus(x) is x (the float32 identity; no exp overflow);
+//   below -20, softplus(x) = exp(x) (1 + O(exp(x))), so the result is
+//   exp(x / 2), which stays a normal float long after exp(x) would have
+//   gone subnormal and lost its digits.
 @inline function vsqrtsoftplus(x: v128): v128 {
-  return f32x4.sqrt(vsoftplus(x));
+  const tiny = f32x4.lt(x, f32x4.neg(SOFTPLUS_LIN()));
+  const e = vexp(v128.bitselect(f32x4.mul(x, HALF()), x, tiny));
+  const y = f32x4.sqrt(v128.bitselect(x, vlog1p(e), f32x4.gt(x, SOFTPLUS_LIN())));
+  return v128.bitselect(e, y, tiny);
 }
 
 @inline function hsum(v: v128): f32 {

@@ -13,12 +13,19 @@ export type DType = FloatDType | IndexDType | "uint8";
 
 /** The typed array that holds each dtype (bfloat16 keeps the upper 16 bits of a float32). */
 export interface DataOf {
+  /** IEEE binary32. */
   float32: Float32Array;
+  /** IEEE binary16 (needs a runtime with Float16Array). */
   float16: Float16Array;
+  /** The upper 16 bits of a float32. */
   bfloat16: Uint16Array;
+  /** 16-bit expert indices. */
   int16: Int16Array;
+  /** 32-bit integers: expert indices, token counts. */
   int32: Int32Array;
+  /** 64-bit integers: expert indices, token counts. */
   int64: BigInt64Array;
+  /** Bytes: routing maps. */
   uint8: Uint8Array;
 }
 
@@ -32,13 +39,33 @@ export type IndexArray = Int16Array | Int32Array | BigInt64Array;
  * its dtype. Object literals are accepted wherever a tensor is expected.
  */
 export interface Tensor<D extends DType = DType> {
+  /** The elements, row-major; its length is the product of `shape`. */
   data: DataOf[D];
+  /** The full shape; the last axis is the expert axis where there is one. */
   shape: readonly number[];
+  /** The element type, matching the typed array of `data`. */
   dtype: D;
 }
 
 /** A floating tensor (logits, probs, gradients). */
 export type FloatTensor = Tensor<FloatDType>;
+
+/**
+ * A GPU-resident tensor for the WebGPU backend: the data lives in a
+ * `GPUBuffer` of the router's device, row-major from offset 0, in the layout
+ * of the host dtype (float16 / bfloat16 as 16-bit words, int64 as two
+ * little-endian 32-bit words). Input buffers need `GPUBufferUsage.STORAGE`;
+ * buffers the router returns have `STORAGE | COPY_SRC | COPY_DST` and belong
+ * to the caller.
+ */
+export interface GpuTensor<D extends DType = DType> {
+  /** The buffer holding the elements, row-major from offset 0. */
+  buffer: GPUBuffer;
+  /** The full shape; the last axis is the expert axis where there is one. */
+  shape: readonly number[];
+  /** The element type, in the layout of the host dtype. */
+  dtype: D;
+}
 
 /** How the score of each expert is computed from its logit. */
 export type ScoreFunction = "softmax" | "sigmoid" | "sqrtsoftplus";

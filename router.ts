@@ -28,6 +28,7 @@ import {
 } from "./_validate.ts";
 import { describe } from "./tensor.ts";
 import { WasmBackend } from "./wasm/backend.ts";
+import { autoPolicy, WebGpuBackend, type WebGpuBackendOptions } from "./gpu/backend.ts";
 
 /** Options of {@linkcode createRouter}. */
 export interface RouterOptions {
@@ -41,6 +42,8 @@ export interface RouterOptions {
    * calling thread; where shared memory is unavailable, one thread is used.
    */
   threads?: number;
+  /** WebGPU: options of the device (an existing `device`, profiling, lower limits). */
+  webgpu?: WebGpuBackendOptions;
 }
 
 /** The router operations bound to one backend. Every operation returns a Promise. */
@@ -49,6 +52,8 @@ export interface Router {
   readonly backend: BackendName;
   /** Why this backend was chosen (relevant for "auto"). */
   readonly reason: string;
+  /** "auto": the backend of the last call and why (null before the first call, and for other choices). */
+  readonly lastChoice: { backend: BackendName; reason: string } | null;
   /** CPU threads big batches run on (WebAssembly; 1 for other backends). */
   readonly threads: number;
   /** See {@linkcode fusedTopkWithScoreFunction}. */
@@ -101,14 +106,19 @@ export async function createRouter(options: RouterOptions = {}): Promise<Router>
     throw new TypeError(`backend must be one of ${BACKENDS.join(", ")}, got ${describe(choice)}`);
   }
   if (choice === "webgpu") {
-    throw new Error(`backend "webgpu" is not available in this version of moe-router; use "wasm" or "auto"`);
+    return new BoundRouter(await WebGpuBackend.create(options.webgpu ?? {}), "asked for webgpu");
   }
   const wasmOptions = {
     ...(options.chunkBytes === undefined ? {} : { chunkBytes: positive("chunkBytes", options.chunkBytes) }),
     ...(options.threads === undefined ? {} : { threads: positive("threads", options.threads) }),
   };
-  const reason = choice === "wasm" ? "asked for wasm" : "auto: WebAssembly (no WebGPU backend in this version)";
-  return new BoundRouter(await WasmBackend.create(wasmOptions), reason);
+  if (choice === "wasm") return new BoundRouter(await WasmBackend.create(wasmOptions), "asked for wasm");
+  // auto: WebGPU on a hardware adapter for batches big enough to pay for the round trip, else WebAssembly
+  const policy = await autoPolicy();
+  const wasm = await WasmBackend.create(wasmOptions);
+  if (policy.adapter === null) return new BoundRouter(wasm, `auto: WebAssembly (${policy.reason})`);
+  const gpu = await WebGpuBackend.create({ ...options.webgpu, adapter: policy.adapter });
+  return new BoundRouter(wasm, `auto: ${policy.reason}`, { backend: gpu, minElements: policy.minElements });
 }
 
 function positive(name: string, v: unknown): number {
@@ -120,30 +130,49 @@ function positive(name: string, v: unknown): number {
 
 class BoundRouter implements Router {
   #backend: Backend | null;
+  #big: { backend: Backend; minElements: number } | null;
   readonly backend: BackendName;
   readonly reason: string;
   readonly threads: number;
+  lastChoice: { backend: BackendName; reason: string } | null = null;
 
-  constructor(backend: Backend, reason: string) {
+  /** `big`: auto's second backend (WebGPU), used for calls of at least minElements logits. */
+  constructor(backend: Backend, reason: string, big: { backend: Backend; minElements: number } | null = null) {
     this.#backend = backend;
-    this.backend = backend.name;
+    this.#big = big;
+    this.backend = big?.backend.name ?? backend.name;
     this.reason = reason;
     this.threads = backend instanceof WasmBackend ? backend.threads : 1;
   }
 
-  #use(): Backend {
+  // The backend of a call of `elements` logits (auto: per call), or of a saved state's backend.
+  #use(elements = 0, savedBackend?: unknown): Backend {
     if (this.#backend === null) throw new Error(`this router was disposed; create a new one with createRouter()`);
-    return this.#backend;
+    const big = this.#big;
+    if (big === null) return this.#backend;
+    const useBig = savedBackend !== undefined ? savedBackend === big.backend.name : elements >= big.minElements;
+    const b = useBig ? big.backend : this.#backend;
+    this.lastChoice = {
+      backend: b.name,
+      reason: savedBackend !== undefined
+        ? `backward runs where its forward ran (${b.name})`
+        : `${elements} logits ${useBig ? ">=" : "<"} ${big.minElements}: ${
+          useBig ? "the transfer and submission pay off" : "below the GPU round trip's cost"
+        }`,
+    };
+    return b;
   }
 
   dispose(): void {
     this.#backend?.dispose();
+    this.#big?.backend.dispose();
     this.#backend = null;
+    this.#big = null;
   }
 
   async fusedTopkWithScoreFunction(logits: FloatTensor, options: TopkOptions): Promise<TopkResult> {
     const plan = planTopk(logits, options);
-    const b = this.#use();
+    const b = this.#use(plan.T * plan.E);
     const out = await b.topkForward(plan, logits);
     const lead = plan.shape.slice(0, -1);
     const result: TopkResult = {
@@ -161,7 +190,7 @@ class BoundRouter implements Router {
   }
 
   async fusedTopkWithScoreFunctionBackward(saved: TopkResult["saved"], gradProbs: FloatTensor): Promise<FloatTensor> {
-    const b = this.#use();
+    const b = this.#use(0, savedBackend(saved));
     const { plan, payload } = Saved.take<TopkPlan>(saved, "topk", b.name);
     checkGrad("gradProbs", gradProbs, plan.shape, plan.dtype);
     const data = await b.topkBackward(plan, payload, gradProbs);
@@ -170,7 +199,7 @@ class BoundRouter implements Router {
 
   async fusedComputeScoreForMoEAuxLoss(logits: FloatTensor, options: AuxScoresOptions): Promise<AuxScoresResult> {
     const plan = planAuxScores(logits, options);
-    const b = this.#use();
+    const b = this.#use(plan.T * plan.E);
     const out = await b.auxScoresForward(plan, logits);
     const last = plan.route === "bytemap" ? plan.E : Math.ceil(plan.E / 8);
     return {
@@ -185,7 +214,7 @@ class BoundRouter implements Router {
     saved: AuxScoresResult["saved"],
     gradScores: Tensor<"float32">,
   ): Promise<FloatTensor> {
-    const b = this.#use();
+    const b = this.#use(0, savedBackend(saved));
     const { plan, payload } = Saved.take<AuxScoresPlan>(saved, "auxScores", b.name);
     checkGrad("gradScores", gradScores, plan.shape, "float32");
     const data = await b.auxScoresBackward(plan, payload, gradScores as Tensor<"float32">);
@@ -194,7 +223,7 @@ class BoundRouter implements Router {
 
   async fusedMoEAuxLoss(probs: FloatTensor, tokensPerExpert: Tensor, options: AuxLossOptions): Promise<AuxLossResult> {
     const plan = planAuxLoss(probs, tokensPerExpert, options);
-    const b = this.#use();
+    const b = this.#use(plan.rows * plan.cols);
     const data = await b.auxLossForward(plan, probs);
     return {
       loss: { data, shape: [], dtype: plan.dtype },
@@ -203,12 +232,17 @@ class BoundRouter implements Router {
   }
 
   async fusedMoEAuxLossBackward(saved: AuxLossResult["saved"], gradLoss: number | FloatTensor): Promise<FloatTensor> {
-    const b = this.#use();
+    const b = this.#use(0, savedBackend(saved));
     const { plan } = Saved.take<AuxLossPlan>(saved, "auxLoss", b.name);
     const g = scalarOf(gradLoss);
     const data = await b.auxLossBackward(plan, g);
     return { data, shape: [...plan.shape], dtype: plan.dtype };
   }
+}
+
+// the backend a saved state names (Saved.take checks the rest)
+function savedBackend(saved: unknown): unknown {
+  return saved instanceof Saved ? saved.backend : null;
 }
 
 // gradLoss: a number, or a one-element float tensor (shape [] or [1])

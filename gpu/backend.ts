@@ -1,0 +1,866 @@
+/**
+ * The WebGPU backend: the router kernels as WGSL compute shaders run through
+ * `navigator.gpu`.
+ *
+ * Two ways in:
+ * - host arrays: one upload, one submission and one readback per call;
+ * - GPU-resident tensors (`{ buffer, shape, dtype }`, see {@linkcode GpuTensor}):
+ *   no readback at all; the outputs are new buffers that the caller owns,
+ *   and the state saved for backward stays on the GPU.
+ *
+ * Buffer usage a caller must set: every input buffer (logits, gradients)
+ * needs `GPUBufferUsage.STORAGE`; output buffers are created with
+ * `STORAGE | COPY_SRC | COPY_DST`, so they can be read back (copy to a
+ * `MAP_READ` buffer) or fed to further kernels. Output buffers of a forward
+ * call are also what its backward reads: do not destroy or overwrite them
+ * before the backward has been submitted.
+ *
+ * Pipelines are compiled once per configuration and cached per device;
+ * scratch buffers are pooled; `dispose()` frees the pool (and the device when
+ * the backend created it).
+ *
+ * @module
+ */
+import type { AuxScoresForwardOut, Backend, TopkForwardOut } from "../_backend.ts";
+import type { AuxLossPlan, AuxScoresPlan, RouteFormat, TopkPlan } from "../_validate.ts";
+import type { FloatDType, FloatTensor, GpuTensor, IndexArray, Tensor } from "../_types.ts";
+import { ARRAY_OF, BYTES_OF } from "../tensor.ts";
+import { auxLossKernel, type AuxLossKey } from "./_aux_loss_kernels.ts";
+import { type Compiled, pipelineFor } from "./_pipelines.ts";
+import { BufferPool } from "./_pool.ts";
+import { foldGrid, packUniforms, uniformBytes, type UniformValues } from "./_shader.ts";
+import {
+  backwardKernel,
+  type BackwardKey,
+  backwardKey,
+  DT_CODE,
+  FMT_CODE,
+  forwardKernel,
+  type ForwardKey,
+  forwardKey,
+  WG,
+} from "./_topk_kernels.ts";
+
+/** Options of {@linkcode WebGpuBackend.create}. */
+export interface WebGpuBackendOptions {
+  /** Run on this device (GPU-resident tensors must live on it); default: a new device of the best adapter. */
+  device?: GPUDevice;
+  /** Adapter to open a device on (ignored with `device`). */
+  adapter?: GPUAdapter;
+  /** Cap on the bytes of one storage binding, below the device's limit (tests use it to cross the limit cheaply). */
+  maxBindingBytes?: number;
+  /** Cap on workgroups per grid dimension, below the device's limit (tests use it to fold grids cheaply). */
+  maxWorkgroupsPerDimension?: number;
+  /** Record GPU time of each submission with timestamp queries (see {@linkcode WebGpuBackend.lastGpuTimeNs}). */
+  profile?: boolean;
+}
+
+/** Outputs of a GPU-resident top-k forward. */
+export interface GpuTopkForwardOut {
+  probs: GPUBuffer;
+  intermediate: GPUBuffer;
+  route: GPUBuffer;
+  payload: GpuPayload;
+}
+
+/** State a GPU-resident forward keeps for its backward: buffers on the device. */
+export interface GpuPayload {
+  readonly gpu: true;
+  readonly intermediate: GPUBuffer;
+  readonly route: GPUBuffer;
+}
+
+interface HostPayload {
+  intermediate: Float32Array;
+  route: Uint8Array | IndexArray;
+}
+
+/** Software adapters (CPU emulation) never run the "auto" backend. */
+const SOFTWARE_ADAPTER = /llvmpipe|lavapipe|softpipe|swiftshader|swrast|software|microsoft basic render/i;
+
+/** Whether an adapter is a software (CPU-emulated) one: the fallback flag, or its description. */
+export function isSoftwareAdapter(adapter: GPUAdapter): boolean {
+  const info = adapter.info as GPUAdapterInfo & { isFallbackAdapter?: boolean };
+  const legacy = (adapter as { isFallbackAdapter?: boolean }).isFallbackAdapter;
+  if (info?.isFallbackAdapter === true || legacy === true) return true;
+  return SOFTWARE_ADAPTER.test(`${info?.description ?? ""} ${info?.device ?? ""} ${info?.architecture ?? ""}`);
+}
+
+/** The runtime's WebGPU entry point, or undefined. */
+function gpu(): GPU | undefined {
+  return (globalThis.navigator as Navigator & { gpu?: GPU } | undefined)?.gpu;
+}
+
+/** The best adapter of the runtime (high-performance), or null when there is none. */
+export async function requestAdapter(): Promise<GPUAdapter | null> {
+  const g = gpu();
+  if (g === undefined) return null;
+  return await g.requestAdapter({ powerPreference: "high-performance" });
+}
+
+/**
+ * Logits per call from which "auto" runs on a hardware GPU: a Deno readback
+ * round trip costs about 11 ms, about what the WebAssembly backend needs for
+ * 2^21 logits (8192 tokens x 256 experts); below that the CPU answers sooner.
+ */
+export const AUTO_MIN_GPU_ELEMENTS = 1 << 21;
+
+/** What "auto" may use: a hardware adapter (or null, with the reason), and the batch size from which it pays. */
+export async function autoPolicy(): Promise<{ adapter: GPUAdapter | null; reason: string; minElements: number }> {
+  let adapter: GPUAdapter | null = null;
+  try {
+    adapter = await requestAdapter();
+  } catch {
+    adapter = null;
+  }
+  const minElements = AUTO_MIN_GPU_ELEMENTS;
+  if (adapter === null) return { adapter, reason: "no WebGPU adapter", minElements };
+  const desc = adapter.info?.description || adapter.info?.vendor || "unknown adapter";
+  if (isSoftwareAdapter(adapter)) {
+    return { adapter: null, reason: `the WebGPU adapter is a software one (${desc})`, minElements };
+  }
+  return {
+    adapter,
+    reason:
+      `WebGPU on ${desc} for calls of >= ${minElements} logits, WebAssembly below (a GPU round trip costs ~11 ms)`,
+    minElements,
+  };
+}
+
+const STORAGE = 0x80; // GPUBufferUsage.STORAGE, usable before the global exists
+const USAGE = {
+  input: STORAGE | 0x08, // STORAGE | COPY_DST
+  output: STORAGE | 0x04 | 0x08, // STORAGE | COPY_SRC | COPY_DST
+  uniform: 0x40 | 0x08, // UNIFORM | COPY_DST
+  read: 0x01 | 0x08, // MAP_READ | COPY_DST
+} as const;
+
+const UNIFORM_STRIDE = 256;
+
+function align4(n: number): number {
+  return Math.ceil(n / 4) * 4;
+}
+
+function gcd(a: number, b: number): number {
+  while (b) [a, b] = [b, a % b];
+  return a;
+}
+
+function routeRowBytes(route: RouteFormat, E: number, K: number): number {
+  switch (route) {
+    case "bytemap":
+      return E;
+    case "bitmap_u8":
+      return Math.ceil(E / 8);
+    default:
+      return K * BYTES_OF[route];
+  }
+}
+
+function newFloat(dtype: FloatDType, n: number): FloatTensor["data"] {
+  return new (ARRAY_OF[dtype] as new (n: number) => FloatTensor["data"])(n);
+}
+
+function newRoute(route: RouteFormat, n: number): Uint8Array | IndexArray {
+  if (route === "bytemap" || route === "bitmap_u8") return new Uint8Array(n);
+  return new (ARRAY_OF[route] as new (n: number) => IndexArray)(n);
+}
+
+// bits needed for E - 1, in 8-bit passes (radix tie-break on the index)
+function loPasses(E: number): number {
+  const bits = Math.max(1, 32 - Math.clz32(Math.max(0, E - 1)));
+  return Math.ceil(bits / 8);
+}
+
+/** A region of a buffer bound to a kernel. */
+interface Bound {
+  buffer: GPUBuffer;
+  offset: number;
+  size: number;
+}
+
+/** One dispatch: kernel, uniforms, bindings (in the kernel's order), workgroup count. */
+interface Dispatch {
+  compiled: Compiled;
+  uniforms: UniformValues;
+  bindings: Bound[];
+  workgroups: number;
+}
+
+/** A buffer region to copy into the readback buffer. */
+interface Readback {
+  buffer: GPUBuffer;
+  bytes: number;
+}
+
+/** Runs the router kernels in WGSL on a WebGPU device. */
+export class WebGpuBackend implements Backend {
+  readonly name = "webgpu" as const;
+  /** The device the kernels run on. */
+  readonly device: GPUDevice;
+  /** The adapter's description (empty when a device was given). */
+  readonly adapterDescription: string;
+  #ownsDevice: boolean;
+  #pool: BufferPool;
+  #maxBinding: number;
+  #maxGrid: number;
+  #align: number;
+  #disposed = false;
+  #profile: { query: GPUQuerySet; resolve: GPUBuffer; read: GPUBuffer; pending: boolean } | null = null;
+  #lastGpuNs: number | null = null;
+  #repeat = 1;
+
+  private constructor(device: GPUDevice, owns: boolean, description: string, options: WebGpuBackendOptions) {
+    this.device = device;
+    this.#ownsDevice = owns;
+    this.adapterDescription = description;
+    this.#pool = new BufferPool(device);
+    const lim = device.limits;
+    this.#maxBinding = Math.min(
+      lim.maxStorageBufferBindingSize,
+      lim.maxBufferSize,
+      options.maxBindingBytes ?? Infinity,
+    );
+    this.#maxGrid = Math.min(lim.maxComputeWorkgroupsPerDimension, options.maxWorkgroupsPerDimension ?? Infinity);
+    this.#align = Math.max(4, lim.minStorageBufferOffsetAlignment);
+    if (options.profile) {
+      if (!device.features.has("timestamp-query")) {
+        throw new Error(`profile needs the "timestamp-query" feature, which this device lacks`);
+      }
+      this.#profile = {
+        query: device.createQuerySet({ type: "timestamp", count: 2 }),
+        resolve: device.createBuffer({ size: 16, usage: 0x200 | 0x04 }), // QUERY_RESOLVE | COPY_SRC
+        read: device.createBuffer({ size: 16, usage: USAGE.read }),
+        pending: false,
+      };
+    }
+  }
+
+  /**
+   * Opens the backend: on `options.device`, or on a new device of the best
+   * adapter with the adapter's largest buffer, binding and workgroup-memory
+   * limits (and timestamp queries when the adapter has them).
+   *
+   * @throws {Error} when the runtime has no WebGPU or no adapter
+   */
+  static async create(options: WebGpuBackendOptions = {}): Promise<WebGpuBackend> {
+    if (options.device !== undefined) return new WebGpuBackend(options.device, false, "", options);
+    const adapter = options.adapter ?? await requestAdapter();
+    if (adapter === null) {
+      throw new Error(
+        gpu() === undefined
+          ? `backend "webgpu" needs navigator.gpu, which this runtime lacks (Deno: run with --unstable-webgpu or a WebGPU-enabled build)`
+          : `backend "webgpu" found no WebGPU adapter on this machine`,
+      );
+    }
+    const a = adapter.limits;
+    const requiredFeatures: GPUFeatureName[] = adapter.features.has("timestamp-query") ? ["timestamp-query"] : [];
+    const device = await adapter.requestDevice({
+      requiredFeatures,
+      requiredLimits: {
+        maxStorageBufferBindingSize: a.maxStorageBufferBindingSize,
+        maxBufferSize: a.maxBufferSize,
+        maxComputeWorkgroupStorageSize: a.maxComputeWorkgroupStorageSize,
+        maxComputeInvocationsPerWorkgroup: Math.max(WG, Math.min(a.maxComputeInvocationsPerWorkgroup, 1024)),
+        maxComputeWorkgroupSizeX: Math.max(WG, Math.min(a.maxComputeWorkgroupSizeX, 1024)),
+      },
+    });
+    return new WebGpuBackend(device, true, adapter.info?.description ?? "", options);
+  }
+
+  /**
+   * Benchmark hook: every later submission encodes its dispatches `n` times
+   * in its one compute pass (outputs are rewritten with the same values), so
+   * that timestamps around the pass give n back-to-back calls' GPU time.
+   */
+  setRepeat(n: number): void {
+    this.#repeat = Math.max(1, Math.floor(n));
+  }
+
+  /** GPU time of the last submission's compute pass in nanoseconds (profile: true), or null. */
+  async lastGpuTimeNs(): Promise<number | null> {
+    const p = this.#profile;
+    if (p === null || !p.pending) return this.#lastGpuNs;
+    await p.read.mapAsync(GPUMapMode.READ);
+    const t = new BigUint64Array(p.read.getMappedRange().slice(0));
+    p.read.unmap();
+    p.pending = false;
+    this.#lastGpuNs = Number((t[1] as bigint) - (t[0] as bigint));
+    return this.#lastGpuNs;
+  }
+
+  dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    this.#pool.dispose();
+    if (this.#profile) {
+      this.#profile.query.destroy();
+      this.#profile.resolve.destroy();
+      this.#profile.read.destroy();
+    }
+    if (this.#ownsDevice) this.device.destroy();
+  }
+
+  // ---- planning helpers ---------------------------------------------------------
+
+  /**
+   * Rows per dispatch so that every row-addressed binding stays within the
+   * binding limit and starts at an allowed offset (a multiple of the storage
+   * offset alignment, which also keeps 16-bit rows' words whole).
+   */
+  #rowsPerDispatch(T: number, rowBytes: readonly number[], what: string, multiple = 1, cap = Infinity): number {
+    let step = multiple;
+    let most = Math.min(T, cap);
+    for (const rb of rowBytes) {
+      if (rb <= 0) continue;
+      const s = this.#align / gcd(this.#align, rb);
+      step = (step * s) / gcd(step, s);
+      most = Math.min(most, Math.floor(this.#maxBinding / rb));
+    }
+    if (most >= T) return T;
+    const rows = Math.floor(most / step) * step;
+    if (rows < 1 && most >= 1 && step > cap) {
+      throw new RangeError(`${what}: no dispatch size fits both alignment ${step} and ${cap}`);
+    }
+    if (rows < 1) {
+      throw new RangeError(
+        `${what}: ${step} rows (the fewest whose bindings start at the device's ${this.#align}-byte offset alignment) ` +
+          `need ${
+            step * Math.max(...rowBytes)
+          } bytes in a storage binding, beyond this device's limit of ${this.#maxBinding} bytes`,
+      );
+    }
+    return rows;
+  }
+
+  #checkBufferSize(bytes: number, what: string): void {
+    if (bytes > this.device.limits.maxBufferSize) {
+      throw new RangeError(
+        `${what} needs a buffer of ${bytes} bytes, beyond this device's maxBufferSize of ${this.device.limits.maxBufferSize}`,
+      );
+    }
+  }
+
+  // Rows per host round: every buffer of the round must fit maxBufferSize.
+  #rowsPerRound(T: number, rowBytes: readonly number[], what: string): number {
+    const total = rowBytes.reduce((a, b) => a + b, 0);
+    const most = Math.floor(this.device.limits.maxBufferSize / Math.max(1, total + 256));
+    if (most >= T) return T;
+    if (most < 1) throw new RangeError(`${what}: one row needs ${total} bytes, beyond this device's maxBufferSize`);
+    return Math.max(256, Math.floor(most / 256) * 256);
+  }
+
+  #upload(data: ArrayBufferView, from: number, n: number, label: string): GPUBuffer {
+    const bpe = (data as unknown as { BYTES_PER_ELEMENT: number }).BYTES_PER_ELEMENT;
+    const bytes = n * bpe;
+    const buf = this.#pool.acquire(align4(bytes), USAGE.input, label);
+    if (bytes % 4 === 0) {
+      this.device.queue.writeBuffer(buf, 0, data.buffer as ArrayBuffer, data.byteOffset + from * bpe, bytes);
+    } else {
+      const padded = new Uint8Array(align4(bytes));
+      padded.set(new Uint8Array(data.buffer, data.byteOffset + from * bpe, bytes));
+      this.device.queue.writeBuffer(buf, 0, padded);
+    }
+    return buf;
+  }
+
+  /**
+   * Encodes the dispatches (one compute pass), copies the readback regions
+   * into one mappable buffer, submits once, and maps it when there is
+   * something to read. Returns the bytes read, region by region.
+   */
+  async #submit(dispatches: Dispatch[], readbacks: Readback[]): Promise<Uint8Array[]> {
+    if (this.#disposed) throw new Error(`this WebGPU backend was disposed`);
+    const device = this.device;
+    const ubuf = this.#pool.acquire(Math.max(1, dispatches.length) * UNIFORM_STRIDE, USAGE.uniform, "uniforms");
+    const ubytes = new ArrayBuffer(Math.max(1, dispatches.length) * UNIFORM_STRIDE);
+    const view = new DataView(ubytes);
+    const groups = dispatches.map((d, i) => {
+      const [x, y] = foldGrid(d.workgroups, this.#maxGrid);
+      packUniforms(d.compiled.source, { ...d.uniforms, gridX: x }, view, i * UNIFORM_STRIDE);
+      const bindGroup = device.createBindGroup({
+        label: d.compiled.source.label,
+        layout: d.compiled.layout,
+        entries: [
+          { binding: 0, resource: { buffer: ubuf, offset: i * UNIFORM_STRIDE, size: uniformBytes(d.compiled.source) } },
+          ...d.bindings.map((b, j) => ({
+            binding: j + 1,
+            resource: { buffer: b.buffer, offset: b.offset, size: b.size },
+          })),
+        ],
+      });
+      return { bindGroup, x, y };
+    });
+    device.queue.writeBuffer(ubuf, 0, ubytes);
+    const encoder = device.createCommandEncoder({ label: "moe-router" });
+    const p = this.#profile;
+    const pass = encoder.beginComputePass(
+      p ? { timestampWrites: { querySet: p.query, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 } } : {},
+    );
+    for (let r = 0; r < this.#repeat; r++) {
+      dispatches.forEach((d, i) => {
+        const g = groups[i]!;
+        pass.setPipeline(d.compiled.pipeline);
+        pass.setBindGroup(0, g.bindGroup);
+        pass.dispatchWorkgroups(g.x, g.y);
+      });
+    }
+    pass.end();
+    if (p) {
+      // every submission resolves its times; the read buffer keeps the latest
+      encoder.resolveQuerySet(p.query, 0, 2, p.resolve, 0);
+      encoder.copyBufferToBuffer(p.resolve, 0, p.read, 0, 16);
+    }
+    let read: GPUBuffer | null = null;
+    const offsets: number[] = [];
+    if (readbacks.length > 0) {
+      let total = 0;
+      for (const r of readbacks) {
+        offsets.push(total);
+        total += Math.ceil(align4(r.bytes) / 256) * 256;
+      }
+      read = this.#pool.acquire(total, USAGE.read, "readback");
+      readbacks.forEach((r, i) => encoder.copyBufferToBuffer(r.buffer, 0, read!, offsets[i]!, align4(r.bytes)));
+    }
+    device.queue.submit([encoder.finish()]);
+    if (p) p.pending = true;
+    this.#pool.release(ubuf);
+    if (read === null) return [];
+    await read.mapAsync(GPUMapMode.READ);
+    const mapped = read.getMappedRange();
+    const out = readbacks.map((r, i) => new Uint8Array(mapped.slice(offsets[i]!, offsets[i]! + r.bytes)));
+    read.unmap();
+    this.#pool.release(read);
+    return out;
+  }
+
+  // ---- top-k forward --------------------------------------------------------------
+
+  #forwardKey(plan: TopkPlan | AuxScoresPlan, op: "topk" | "aux"): ForwardKey {
+    const t = plan as Partial<TopkPlan>;
+    return forwardKey({
+      op,
+      score: plan.score,
+      pre: t.pre ?? false,
+      dtype: plan.dtype,
+      E: plan.E,
+      K: plan.K,
+      G: t.numGroups ?? 0,
+      grouped: (t.groupTopk ?? 0) > 0,
+      radixThreshold: plan.radixThreshold,
+    }, this.device.limits.maxComputeWorkgroupStorageSize);
+  }
+
+  // The dispatches of a forward over n rows held in the given buffers.
+  #forwardDispatches(
+    plan: TopkPlan | AuxScoresPlan,
+    op: "topk" | "aux",
+    n: number,
+    bufs: { logits: GPUBuffer; probs: GPUBuffer; inter: GPUBuffer; route: GPUBuffer; bias: GPUBuffer | null },
+  ): Dispatch[] {
+    const { E, K, dtype, route } = plan;
+    const key = this.#forwardKey(plan, op);
+    const compiled = pipelineFor(this.device, key, forwardKernel);
+    const inB = BYTES_OF[dtype];
+    const outB = op === "aux" ? 4 : inB;
+    const rB = routeRowBytes(route, E, K);
+    const rows = this.#rowsPerDispatch(n, [E * inB, E * outB, E * 4, rB], "webgpu forward");
+    const t = plan as Partial<TopkPlan>;
+    const G = t.numGroups ?? 0;
+    const GK = t.groupTopk ?? 0;
+    const rpw = WG / key.tpr;
+    const out: Dispatch[] = [];
+    for (let t0 = 0; t0 < n; t0 += rows) {
+      const m = Math.min(rows, n - t0);
+      const region = (buffer: GPUBuffer, rb: number): Bound => ({ buffer, offset: t0 * rb, size: align4(m * rb) });
+      const bindings = [
+        region(bufs.logits, E * inB),
+        region(bufs.probs, E * outB),
+        region(bufs.inter, E * 4),
+        region(bufs.route, rB),
+      ];
+      bindings.push(bufs.bias ? { buffer: bufs.bias, offset: 0, size: align4(E * 4) } : this.#dummy());
+      out.push({
+        compiled,
+        workgroups: Math.ceil(m / rpw),
+        bindings,
+        uniforms: {
+          T: m,
+          E,
+          K,
+          G,
+          GK,
+          gsize: GK > 0 ? E / G : 1,
+          per: GK > 0 ? K / GK : 0,
+          loPasses: loPasses(E),
+          L: Math.ceil(E / 8),
+          scale: t.scale ?? 1,
+          dt: DT_CODE[dtype],
+          fmt: FMT_CODE[route],
+          hasBias: bufs.bias ? 1 : 0,
+        },
+      });
+    }
+    return out;
+  }
+
+  async topkForward(plan: TopkPlan, logits: FloatTensor): Promise<TopkForwardOut> {
+    const { T, E, K, dtype, route } = plan;
+    const inB = BYTES_OF[dtype];
+    const rB = routeRowBytes(route, E, K);
+    const routeElems = route === "bytemap" || route === "bitmap_u8" ? rB : K;
+    const probs = newFloat(dtype, T * E);
+    const intermediate = new Float32Array(T * E);
+    const routeOut: Uint8Array | IndexArray = plan.indicesOut ?? newRoute(route, T * routeElems);
+    this.#forwardKey(plan, "topk"); // plan errors before any GPU work
+    const perRound = this.#rowsPerRound(T, [2 * E * inB, 2 * E * inB, 8 * E, 2 * rB], "fusedTopkWithScoreFunction");
+    const bias = plan.bias ? this.#upload(plan.bias, 0, E, "bias") : null;
+    for (let r0 = 0; r0 < T; r0 += perRound) {
+      const n = Math.min(perRound, T - r0);
+      const logitsBuf = this.#upload(logits.data, r0 * E, n * E, "logits");
+      const probsBuf = this.#pool.acquire(align4(n * E * inB), USAGE.output, "probs");
+      const interBuf = this.#pool.acquire(n * E * 4, USAGE.output, "intermediate");
+      const routeBuf = this.#pool.acquire(align4(n * rB), USAGE.output, "route");
+      const dispatches = this.#forwardDispatches(plan, "topk", n, {
+        logits: logitsBuf,
+        probs: probsBuf,
+        inter: interBuf,
+        route: routeBuf,
+        bias,
+      });
+      const [p, i, r] = await this.#submit(dispatches, [
+        { buffer: probsBuf, bytes: n * E * inB },
+        { buffer: interBuf, bytes: n * E * 4 },
+        { buffer: routeBuf, bytes: n * rB },
+      ]);
+      bytesOf(probs).set(p!, r0 * E * inB);
+      bytesOf(intermediate).set(i!, r0 * E * 4);
+      bytesOf(routeOut).set(r!, r0 * rB);
+      this.#pool.release(logitsBuf, probsBuf, interBuf, routeBuf);
+    }
+    if (bias) this.#pool.release(bias);
+    // the saved state keeps its own copy of dense indices: callers often reuse their buffer
+    const saved = route === "bytemap" || route === "bitmap_u8" ? routeOut : routeOut.slice();
+    const payload: HostPayload = { intermediate, route: saved };
+    return { probs, intermediate, route: routeOut, payload };
+  }
+
+  /**
+   * Top-k forward on GPU-resident logits: outputs are new buffers the caller
+   * owns (usage STORAGE | COPY_SRC | COPY_DST); nothing is read back.
+   */
+  async topkForwardGpu(plan: TopkPlan, logits: GpuTensor): Promise<GpuTopkForwardOut> {
+    const { T, E, K, dtype, route } = plan;
+    const inB = BYTES_OF[dtype];
+    const rB = routeRowBytes(route, E, K);
+    this.#forwardKey(plan, "topk");
+    this.#checkBufferSize(T * E * 4, "fusedTopkWithScoreFunction intermediate");
+    const probs = this.#output(align4(T * E * inB), "probs");
+    const intermediate = this.#output(T * E * 4, "intermediate");
+    const routeBuf = this.#output(align4(T * rB), "route");
+    const bias = plan.bias ? this.#upload(plan.bias, 0, E, "bias") : null;
+    await this.#submit(
+      this.#forwardDispatches(plan, "topk", T, {
+        logits: logits.buffer,
+        probs,
+        inter: intermediate,
+        route: routeBuf,
+        bias,
+      }),
+      [],
+    );
+    if (bias) this.#pool.release(bias);
+    return { probs, intermediate, route: routeBuf, payload: { gpu: true, intermediate, route: routeBuf } };
+  }
+
+  // a small buffer bound where a kernel variant reads nothing
+  #dummyBuf: GPUBuffer | null = null;
+  #dummy(): Bound {
+    this.#dummyBuf ??= this.#pool.acquire(256, USAGE.input, "unused");
+    return { buffer: this.#dummyBuf, offset: 0, size: 256 };
+  }
+
+  #output(bytes: number, label: string): GPUBuffer {
+    this.#checkBufferSize(bytes, label);
+    return this.device.createBuffer({ label: `moe-router ${label}`, size: Math.max(4, bytes), usage: USAGE.output });
+  }
+
+  // ---- top-k backward --------------------------------------------------------------
+
+  #backwardDispatches(
+    plan: {
+      E: number;
+      K: number;
+      dtype: FloatDType;
+      route: RouteFormat;
+      score: TopkPlan["score"];
+      pre: boolean;
+      scale: number;
+    },
+    op: "topk" | "aux",
+    n: number,
+    bufs: { grad: GPUBuffer; inter: GPUBuffer; route: GPUBuffer; out: GPUBuffer },
+  ): Dispatch[] {
+    const { E, K, dtype } = plan;
+    const route: RouteFormat = op === "aux" ? "bytemap" : plan.route;
+    const key: BackwardKey = backwardKey({ op, score: plan.score, pre: plan.pre, dtype, E });
+    const compiled = pipelineFor(this.device, key, backwardKernel);
+    const outB = BYTES_OF[dtype];
+    const gB = op === "aux" ? 4 : outB;
+    const rB = op === "aux" ? 0 : routeRowBytes(route, E, K);
+    const rows = this.#rowsPerDispatch(n, [E * gB, E * 4, rB, E * outB], "webgpu backward");
+    const rpw = WG / key.tpr;
+    const out: Dispatch[] = [];
+    for (let t0 = 0; t0 < n; t0 += rows) {
+      const m = Math.min(rows, n - t0);
+      const region = (buffer: GPUBuffer, rb: number): Bound => ({
+        buffer,
+        offset: t0 * rb,
+        size: Math.max(4, align4(m * rb)),
+      });
+      out.push({
+        compiled,
+        workgroups: Math.ceil(m / rpw),
+        bindings: [
+          region(bufs.grad, E * gB),
+          region(bufs.inter, E * 4),
+          rB > 0 ? region(bufs.route, rB) : this.#dummy(),
+          region(bufs.out, E * outB),
+        ],
+        uniforms: {
+          T: m,
+          E,
+          K,
+          G: 0,
+          GK: 0,
+          gsize: 1,
+          per: 0,
+          loPasses: 0,
+          L: Math.ceil(E / 8),
+          scale: plan.scale,
+          dt: DT_CODE[dtype],
+          fmt: FMT_CODE[route],
+          hasBias: 0,
+        },
+      });
+    }
+    return out;
+  }
+
+  async topkBackward(plan: TopkPlan, payload: unknown, grad: FloatTensor): Promise<FloatTensor["data"]> {
+    const { T, E, K, dtype, route } = plan;
+    const inB = BYTES_OF[dtype];
+    const rB = routeRowBytes(route, E, K);
+    const out = newFloat(dtype, T * E);
+    const gpuSaved = (payload as GpuPayload).gpu === true ? payload as GpuPayload : null;
+    const perRound = gpuSaved
+      ? T
+      : this.#rowsPerRound(T, [2 * E * inB, 8 * E, 2 * rB, 2 * E * inB], "fusedTopkWithScoreFunctionBackward");
+    for (let r0 = 0; r0 < T; r0 += perRound) {
+      const n = Math.min(perRound, T - r0);
+      const gradBuf = this.#upload(grad.data, r0 * E, n * E, "gradProbs");
+      const routeElems = route === "bytemap" || route === "bitmap_u8" ? rB : K;
+      let interBuf: GPUBuffer;
+      let routeBuf: GPUBuffer;
+      const mine: GPUBuffer[] = [];
+      if (gpuSaved) {
+        interBuf = gpuSaved.intermediate;
+        routeBuf = gpuSaved.route;
+      } else {
+        const saved = payload as HostPayload;
+        interBuf = this.#upload(saved.intermediate, r0 * E, n * E, "intermediate");
+        routeBuf = this.#upload(saved.route, r0 * routeElems, n * routeElems, "route");
+        mine.push(interBuf, routeBuf);
+      }
+      const outBuf = this.#pool.acquire(align4(n * E * inB), USAGE.output, "gradLogits");
+      const [g] = await this.#submit(
+        this.#backwardDispatches(plan, "topk", n, { grad: gradBuf, inter: interBuf, route: routeBuf, out: outBuf }),
+        [{ buffer: outBuf, bytes: n * E * inB }],
+      );
+      bytesOf(out).set(g!, r0 * E * inB);
+      this.#pool.release(gradBuf, outBuf, ...mine);
+    }
+    return out;
+  }
+
+  /** Top-k backward with GPU-resident gradProbs: the result is a new buffer the caller owns. */
+  async topkBackwardGpu(plan: TopkPlan, payload: unknown, grad: GpuTensor): Promise<GPUBuffer> {
+    const { T, E, K, dtype, route } = plan;
+    const rB = routeRowBytes(route, E, K);
+    const routeElems = route === "bytemap" || route === "bitmap_u8" ? rB : K;
+    const gpuSaved = (payload as GpuPayload).gpu === true ? payload as GpuPayload : null;
+    const mine: GPUBuffer[] = [];
+    let interBuf: GPUBuffer;
+    let routeBuf: GPUBuffer;
+    if (gpuSaved) {
+      interBuf = gpuSaved.intermediate;
+      routeBuf = gpuSaved.route;
+    } else {
+      const saved = payload as HostPayload;
+      interBuf = this.#upload(saved.intermediate, 0, T * E, "intermediate");
+      routeBuf = this.#upload(saved.route, 0, T * routeElems, "route");
+      mine.push(interBuf, routeBuf);
+    }
+    const outBuf = this.#output(align4(T * E * BYTES_OF[dtype]), "gradLogits");
+    await this.#submit(
+      this.#backwardDispatches(plan, "topk", T, { grad: grad.buffer, inter: interBuf, route: routeBuf, out: outBuf }),
+      [],
+    );
+    this.#pool.release(...mine);
+    return outBuf;
+  }
+
+  // ---- aux-loss scores ---------------------------------------------------------------
+
+  async auxScoresForward(plan: AuxScoresPlan, logits: FloatTensor): Promise<AuxScoresForwardOut> {
+    const { T, E, K, dtype, route } = plan;
+    const inB = BYTES_OF[dtype];
+    const rB = routeRowBytes(route, E, K);
+    const scores = new Float32Array(T * E);
+    const intermediate = new Float32Array(T * E);
+    const routeOut = new Uint8Array(T * rB);
+    this.#forwardKey(plan, "aux");
+    const perRound = this.#rowsPerRound(T, [2 * E * inB, 8 * E, 8 * E, 2 * rB], "fusedComputeScoreForMoEAuxLoss");
+    for (let r0 = 0; r0 < T; r0 += perRound) {
+      const n = Math.min(perRound, T - r0);
+      const logitsBuf = this.#upload(logits.data, r0 * E, n * E, "logits");
+      const scoresBuf = this.#pool.acquire(n * E * 4, USAGE.output, "scores");
+      const interBuf = this.#pool.acquire(n * E * 4, USAGE.output, "intermediate");
+      const routeBuf = this.#pool.acquire(align4(n * rB), USAGE.output, "route");
+      const [s, i, r] = await this.#submit(
+        this.#forwardDispatches(plan, "aux", n, {
+          logits: logitsBuf,
+          probs: scoresBuf,
+          inter: interBuf,
+          route: routeBuf,
+          bias: null,
+        }),
+        [
+          { buffer: scoresBuf, bytes: n * E * 4 },
+          { buffer: interBuf, bytes: n * E * 4 },
+          { buffer: routeBuf, bytes: n * rB },
+        ],
+      );
+      bytesOf(scores).set(s!, r0 * E * 4);
+      bytesOf(intermediate).set(i!, r0 * E * 4);
+      routeOut.set(r!, r0 * rB);
+      this.#pool.release(logitsBuf, scoresBuf, interBuf, routeBuf);
+    }
+    return { scores, intermediate, route: routeOut, payload: intermediate };
+  }
+
+  async auxScoresBackward(
+    plan: AuxScoresPlan,
+    payload: unknown,
+    grad: Tensor<"float32">,
+  ): Promise<FloatTensor["data"]> {
+    const { T, E, dtype } = plan;
+    const outB = BYTES_OF[dtype];
+    const intermediate = payload as Float32Array;
+    const out = newFloat(dtype, T * E);
+    const perRound = this.#rowsPerRound(T, [8 * E, 8 * E, 2 * E * outB], "fusedComputeScoreForMoEAuxLossBackward");
+    for (let r0 = 0; r0 < T; r0 += perRound) {
+      const n = Math.min(perRound, T - r0);
+      const gradBuf = this.#upload(grad.data, r0 * E, n * E, "gradScores");
+      const interBuf = this.#upload(intermediate, r0 * E, n * E, "intermediate");
+      const outBuf = this.#pool.acquire(align4(n * E * outB), USAGE.output, "gradLogits");
+      const [g] = await this.#submit(
+        this.#backwardDispatches({ ...plan, pre: true, scale: 1 }, "aux", n, {
+          grad: gradBuf,
+          inter: interBuf,
+          route: gradBuf,
+          out: outBuf,
+        }),
+        [{ buffer: outBuf, bytes: n * E * outB }],
+      );
+      bytesOf(out).set(g!, r0 * E * outB);
+      this.#pool.release(gradBuf, interBuf, outBuf);
+    }
+    return out;
+  }
+
+  // ---- aux loss -------------------------------------------------------------------------
+
+  async auxLossForward(plan: AuxLossPlan, probs: FloatTensor): Promise<FloatTensor["data"]> {
+    const { rows, cols, dtype } = plan;
+    const inB = BYTES_OF[dtype];
+    const CHUNK = 64; // rows summed by one thread
+    const colsum = pipelineFor(this.device, { kernel: "auxColsum", dtype } satisfies AuxLossKey, auxLossKernel);
+    const finish = pipelineFor(this.device, { kernel: "auxFinish", dtype } satisfies AuxLossKey, auxLossKernel);
+    const chunks = Math.max(1, Math.ceil(rows / CHUNK));
+    this.#checkBufferSize(chunks * cols * 4, "fusedMoEAuxLoss partial sums");
+    this.#checkBufferSize(rows * cols * inB, "fusedMoEAuxLoss probs");
+    const perDispatch = this.#rowsPerDispatch(rows, [cols * inB], "fusedMoEAuxLoss", CHUNK, CHUNK * this.#maxGrid);
+    const probsBuf = this.#upload(probs.data, 0, rows * cols, "probs");
+    const tpe = this.#upload(plan.tpe, 0, cols, "tokensPerExpert");
+    const partial = this.#pool.acquire(chunks * cols * 4, USAGE.output, "partial");
+    const loss = this.#pool.acquire(4, USAGE.output, "loss");
+    const common = { rows: 0, cols, chunkRows: CHUNK, chunks: 0, c0: 0, e0: 0, n: 0, g: Math.fround(plan.constant) };
+    const dispatches: Dispatch[] = [];
+    for (let r0 = 0; r0 < rows; r0 += perDispatch) {
+      const m = Math.min(perDispatch, rows - r0);
+      const mc = Math.ceil(m / CHUNK);
+      const xBlocks = Math.ceil(cols / 256);
+      dispatches.push({
+        compiled: colsum,
+        // a 2-D grid: x = column blocks, y = chunks (gridX = xBlocks, set through foldGrid's width)
+        workgroups: xBlocks * mc,
+        bindings: [
+          { buffer: probsBuf, offset: r0 * cols * inB, size: align4(m * cols * inB) },
+          { buffer: partial, offset: 0, size: chunks * cols * 4 },
+        ],
+        uniforms: { ...common, rows: m, chunks: mc, c0: r0 / CHUNK, n: xBlocks },
+      });
+    }
+    dispatches.push({
+      compiled: finish,
+      workgroups: 1,
+      bindings: [
+        { buffer: partial, offset: 0, size: chunks * cols * 4 },
+        { buffer: tpe, offset: 0, size: align4(cols * 4) },
+        { buffer: loss, offset: 0, size: 4 },
+      ],
+      uniforms: { ...common, chunks },
+    });
+    const [bits] = await this.#submit(dispatches, [{ buffer: loss, bytes: 4 }]);
+    this.#pool.release(probsBuf, tpe, partial, loss);
+    const out = newFloat(dtype, 1);
+    bytesOf(out).set(bits!.subarray(0, inB));
+    return out;
+  }
+
+  async auxLossBackward(plan: AuxLossPlan, gradLoss: number): Promise<FloatTensor["data"]> {
+    const { rows, cols, dtype } = plan;
+    const outB = BYTES_OF[dtype];
+    const total = rows * cols;
+    const compiled = pipelineFor(this.device, { kernel: "auxBackward", dtype } satisfies AuxLossKey, auxLossKernel);
+    const tpe = this.#upload(plan.tpe, 0, cols, "tokensPerExpert");
+    const outBuf = this.#pool.acquire(align4(total * outB), USAGE.output, "gradProbs");
+    this.#checkBufferSize(align4(total * outB), "fusedMoEAuxLossBackward");
+    const g = Math.fround(Math.fround(gradLoss) * Math.fround(plan.constant));
+    const elems = this.#rowsPerDispatch(total, [outB], "fusedMoEAuxLossBackward", 2);
+    const dispatches: Dispatch[] = [];
+    for (let e0 = 0; e0 < total; e0 += elems) {
+      const m = Math.min(elems, total - e0);
+      const words = outB === 2 ? Math.ceil(m / 2) : m;
+      dispatches.push({
+        compiled,
+        workgroups: Math.ceil(words / 256),
+        bindings: [
+          { buffer: tpe, offset: 0, size: align4(cols * 4) },
+          { buffer: outBuf, offset: e0 * outB, size: words * 4 },
+        ],
+        uniforms: { rows, cols, chunkRows: 0, chunks: 0, c0: 0, e0, n: words, g },
+      });
+    }
+    const [bytes] = await this.#submit(dispatches, [{ buffer: outBuf, bytes: total * outB }]);
+    this.#pool.release(tpe, outBuf);
+    const out = newFloat(dtype, total);
+    bytesOf(out).set(bytes!);
+    return out;
+  }
+}
+
+function bytesOf(a: ArrayBufferView): Uint8Array {
+  return new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+}

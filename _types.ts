@@ -100,6 +100,8 @@ export interface TopkOptions {
   indicesOut?: IndexArray;
   /** Selection switches from naive to radix top-k when topk >= this (default 16, or MOE_ROUTER_RADIX_TOPK_THRESHOLD). */
   radixTopkThreshold?: number;
+  /** Throw a RangeError naming the first token and expert whose logit is NaN or infinite (default false). */
+  checkFinite?: boolean;
 }
 
 /** Options of {@linkcode fusedComputeScoreForMoEAuxLoss}. */
@@ -112,6 +114,8 @@ export interface AuxScoresOptions {
   routingMapFormat?: RoutingMapFormat;
   /** Selection switches from naive to radix top-k when topk >= this. */
   radixTopkThreshold?: number;
+  /** Throw a RangeError naming the first token and expert whose logit is NaN or infinite (default false). */
+  checkFinite?: boolean;
 }
 
 /** Options of {@linkcode fusedMoEAuxLoss}. */

@@ -190,6 +190,41 @@ function overlaps(a: ArrayBufferView, b: ArrayBufferView): boolean {
     b.byteOffset < a.byteOffset + a.byteLength;
 }
 
+/**
+ * With checkFinite, throws a RangeError naming the first non-finite logit's
+ * token and expert. Host tensors only: the data must be read to be checked.
+ */
+function checkFinite(flag: unknown, logits: FloatTensor, E: number): void {
+  if (flag === undefined || flag === false) return;
+  if (flag !== true) throw new TypeError(`checkFinite must be a boolean, got ${describe(flag)}`);
+  const d = logits.data;
+  let bad = -1;
+  if (d instanceof Uint16Array) {
+    // bfloat16: exponent bits all ones = infinity or NaN
+    for (let i = 0; i < d.length; i++) {
+      if (((d[i] as number) & 0x7f80) === 0x7f80) {
+        bad = i;
+        break;
+      }
+    }
+  } else {
+    for (let i = 0; i < d.length; i++) {
+      if (!Number.isFinite(d[i])) {
+        bad = i;
+        break;
+      }
+    }
+  }
+  if (bad >= 0) {
+    const v = d instanceof Uint16Array
+      ? new Float32Array(new Uint32Array([(d[bad] as number) << 16]).buffer)[0]
+      : d[bad];
+    throw new RangeError(
+      `logits must be finite (checkFinite), got ${v} at token ${Math.floor(bad / E)}, expert ${bad % E}`,
+    );
+  }
+}
+
 /** Validates the arguments of the top-k forward and resolves defaults. */
 export function planTopk(logits: unknown, options: unknown): TopkPlan {
   checkFloatTensor("logits", logits);
@@ -287,6 +322,7 @@ export function planTopk(logits: unknown, options: unknown): TopkPlan {
     throw new TypeError(`routingMapFormat and dense indices (indexDtype / indicesOut) exclude each other, got both`);
   }
 
+  checkFinite(o.checkFinite, logits, E);
   return {
     shape: [...logits.shape],
     T,
@@ -311,15 +347,20 @@ export function planAuxScores(logits: unknown, options: unknown): AuxScoresPlan 
   checkObject("options", options);
   const o = options as Partial<AuxScoresOptions>;
   const { T, E } = tokensAndExperts("logits", logits);
+  const K = topkIn(o.topk, E);
+  const score = scoreFunction(o.scoreFunction);
+  const route = mapFormat(o.routingMapFormat);
+  const threshold = radixThreshold(o.radixTopkThreshold);
+  checkFinite(o.checkFinite, logits, E);
   return {
     shape: [...logits.shape],
     T,
     E,
-    K: topkIn(o.topk, E),
+    K,
     dtype: logits.dtype,
-    score: scoreFunction(o.scoreFunction),
-    route: mapFormat(o.routingMapFormat),
-    radixThreshold: radixThreshold(o.radixTopkThreshold),
+    score,
+    route,
+    radixThreshold: threshold,
   };
 }
 

@@ -1,19 +1,21 @@
 // moe-router CPU kernels (AssemblyScript, compiled to WebAssembly with SIMD).
 //
 // The host (wasm/backend.ts) owns the layout of linear memory; every kernel
-// takes pointers into it. One call processes a chunk of tokens:
+// takes pointers into it. One call processes a chunk of tokens (a top-k
+// forward shown; each worker thread gets its own scratch and intermediate):
 //
 //   __heap_base
-//   +----------+--------+-----------+-----------+---------------+-----------+
-//   | scratch  | bias   | input     | output 0  | output 1      | output 2  |
-//   | (per row)| [E4]   | [T, E]    | [T, E]    | [T, E] f32    | route ... |
-//   +----------+--------+-----------+-----------+---------------+-----------+
+//   +-----------+------+----------+--------------+-------+--------+--------+--------+
+//   | scratch   | bias | logits   | intermediate | route | vals   | list   | yasc   |
+//   | (x thread)| [E4] | [T, E]   | [T, E] f32   | [T,.] | [T, K] | [T, K] | [T, K] |
+//   +-----------+------+----------+--------------+-------+--------+--------+--------+
 //
-// scratch holds one token's working rows, each E4 = E rounded up to 4 lanes,
-// so that SIMD loops run over whole vectors; pad lanes are given neutral
-// values (logits -inf, keys 0, masks 0) where a loop could read them.
-// Every region starts 16-byte aligned and ends with 16 bytes of slack, so a
-// vector store at the last element of a row never leaves the region.
+// scratch holds one token's working rows, each rounded up to 16 lanes, so
+// that SIMD loops run over whole vectors; pad lanes get neutral values
+// (logits -inf, keys 0, masks 0) wherever a loop could read them. Every
+// region starts 16-byte aligned and ends with 16 bytes of slack: a vector
+// load or store at a row's last element may reach past it, into the next
+// row (rewritten when that row comes) or the slack, never another region.
 
 // ---- codes shared with the host (wasm/backend.ts) --------------------------
 const SCORE_SOFTMAX: i32 = 0;
@@ -52,9 +54,10 @@ const KEY_NAN: u32 = 1;
 }
 
 // ---- scratch layout ----------------------------------------------------------
-// X [E4] f32 widened logits | S [E4] f32 scores | R [E4] f32 selection scores
-// KEY [E4] u32 | HIST [RADIX_BINS] u32 | CHOSEN [K4] i32 | GROUP [G4] u32
-// | VAL [K4] f32. The backward reuses X, S, R, KEY as G, Y, M and A rows.
+// top-k forward: X [E16] f32 widened logits | S [E16] f32 scores | KEY [E16]
+// u32 | HIST: radix histogram or block maxima | CHOSEN [2 K4] | VAL [K4] f32 |
+// GROUP [2 G4] | TOPV (lane lists) | CAND [E16] radix candidates.
+// The dense backward reuses the first rows as G, Y, M and A.
 
 /** Bytes of scratch one token needs; the host reserves this once per call. */
 export function scratchBytes(E: i32, K: i32, G: i32): i32 {

@@ -24,7 +24,13 @@ export interface AuxScoresForwardOut {
 export interface Backend {
   readonly name: BackendName;
   topkForward(plan: TopkPlan, logits: FloatTensor): Promise<TopkForwardOut>;
-  topkBackward(plan: TopkPlan, payload: unknown, grad: FloatTensor): Promise<FloatTensor["data"]>;
+  /** `out`: a caller buffer the backend may write into directly (the router copies otherwise). */
+  topkBackward(
+    plan: TopkPlan,
+    payload: unknown,
+    grad: FloatTensor,
+    out?: FloatTensor["data"] | null,
+  ): Promise<FloatTensor["data"]>;
   auxScoresForward(plan: AuxScoresPlan, logits: FloatTensor): Promise<AuxScoresForwardOut>;
   auxScoresBackward(plan: AuxScoresPlan, payload: unknown, grad: Tensor<"float32">): Promise<FloatTensor["data"]>;
   auxLossForward(plan: AuxLossPlan, probs: FloatTensor): Promise<FloatTensor["data"]>;

@@ -102,6 +102,12 @@ export interface TopkOptions {
   radixTopkThreshold?: number;
   /** Throw a RangeError naming the first token and expert whose logit is NaN or infinite (default false). */
   checkFinite?: boolean;
+  /** Caller buffer for probs (logits dtype, T*E): written in place and returned, no allocation. */
+  probsOut?: FloatTensor["data"];
+  /** Caller buffer for the intermediate (T*E): written in place and returned. */
+  intermediateOut?: Float32Array;
+  /** Caller buffer for the routing map (T*E bytes, or T*ceil(E/8) for bitmap_u8): written in place and returned. */
+  routingMapOut?: Uint8Array;
 }
 
 /** Options of {@linkcode fusedComputeScoreForMoEAuxLoss}. */

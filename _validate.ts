@@ -35,6 +35,10 @@ export interface TopkPlan {
   readonly bias: Float32Array | null;
   readonly route: RouteFormat;
   readonly indicesOut: IndexArray | null;
+  /** Caller buffers for probs / intermediate / routing map, written in place. */
+  readonly probsOut: FloatTensor["data"] | null;
+  readonly intermediateOut: Float32Array | null;
+  readonly routingMapOut: Uint8Array | null;
   readonly radixThreshold: number;
 }
 
@@ -321,6 +325,30 @@ export function planTopk(logits: unknown, options: unknown): TopkPlan {
   if (o.routingMapFormat !== undefined && (route === "int16" || route === "int32" || route === "int64")) {
     throw new TypeError(`routingMapFormat and dense indices (indexDtype / indicesOut) exclude each other, got both`);
   }
+  const inputs: ArrayBufferView[] = [logits.data, ...(o.expertBias ? [o.expertBias.data] : [])];
+  const outs: ArrayBufferView[] = indicesOut ? [indicesOut] : [];
+  const probsOut = outputBuffer<FloatTensor["data"]>(
+    "probsOut",
+    o.probsOut,
+    ARRAY_OF[logits.dtype],
+    T * E,
+    inputs,
+    outs,
+  );
+  const intermediateOut = outputBuffer<Float32Array>(
+    "intermediateOut",
+    o.intermediateOut,
+    Float32Array,
+    T * E,
+    inputs,
+    outs,
+  );
+  const isMap = route === "bytemap" || route === "bitmap_u8";
+  if (o.routingMapOut !== undefined && !isMap) {
+    throw new TypeError(`routingMapOut needs a routing map output, got dense indices (indexDtype / indicesOut)`);
+  }
+  const mapLength = T * (route === "bitmap_u8" ? Math.ceil(E / 8) : E);
+  const routingMapOut = outputBuffer<Uint8Array>("routingMapOut", o.routingMapOut, Uint8Array, mapLength, inputs, outs);
 
   checkFinite(o.checkFinite, logits, E);
   return {
@@ -337,8 +365,40 @@ export function planTopk(logits: unknown, options: unknown): TopkPlan {
     bias,
     route,
     indicesOut,
+    probsOut,
+    intermediateOut,
+    routingMapOut,
     radixThreshold: radixThreshold(o.radixTopkThreshold),
   };
+}
+
+/**
+ * Checks a caller-owned output buffer: the typed array an output needs, of
+ * the output's length, sharing no memory with the inputs or other outputs
+ * (recorded in `outs`). Returns it, or null when not given.
+ */
+export function outputBuffer<A extends ArrayBufferView & { length: number }>(
+  name: string,
+  value: unknown,
+  // deno-lint-ignore no-explicit-any
+  ctor: (new (n: number) => any) | undefined,
+  length: number,
+  inputs: readonly ArrayBufferView[],
+  outs: ArrayBufferView[],
+): A | null {
+  if (value === undefined) return null;
+  if (ctor === undefined || !(value instanceof ctor)) {
+    throw new TypeError(`${name} must be a ${ctor?.name ?? "typed array"}, got ${describe(value)}`);
+  }
+  const v = value as A;
+  if (v.length !== length) throw new TypeError(`${name} must have ${length} elements, got ${v.length}`);
+  for (const other of [...inputs, ...outs]) {
+    if (overlaps(v, other)) {
+      throw new TypeError(`${name} must not share memory with an input or another output, got an overlapping array`);
+    }
+  }
+  outs.push(v);
+  return v;
 }
 
 /** Validates the arguments of the aux-loss scores. */

@@ -25,7 +25,7 @@
  */
 export * from "./_types.ts";
 export { empty, tensor } from "./tensor.ts";
-export { createRouter, type Router, type RouterOptions } from "./router.ts";
+export { type BackwardOptions, createRouter, type Router, type RouterOptions } from "./router.ts";
 export {
   fusedComputeScoreForMoEAuxLoss,
   fusedComputeScoreForMoEAuxLossBackward,

@@ -15,7 +15,7 @@ import type {
   TopkOptions,
   TopkResult,
 } from "./_types.ts";
-import { createRouter, type Router } from "./router.ts";
+import { type BackwardOptions, createRouter, type Router } from "./router.ts";
 
 let shared: Promise<Router> | undefined;
 
@@ -58,6 +58,7 @@ export async function fusedTopkWithScoreFunction(logits: FloatTensor, options: T
  *
  * @param saved the `saved` of the forward call
  * @param gradProbs `[..., E]`, the forward's dtype and shape
+ * @param options `gradLogitsOut`: a caller buffer to write gradLogits into
  * @returns gradLogits, same dtype and shape
  * @throws {TypeError} for a foreign or released state, or a mismatched gradient
  *

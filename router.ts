@@ -12,6 +12,7 @@ import type {
   BackendChoice,
   BackendName,
   FloatTensor,
+  IndexArray,
   IndexDType,
   Tensor,
   TopkOptions,
@@ -21,14 +22,28 @@ import {
   type AuxLossPlan,
   type AuxScoresPlan,
   checkGrad,
+  outputBuffer,
   planAuxLoss,
   planAuxScores,
   planTopk,
   type TopkPlan,
 } from "./_validate.ts";
-import { describe } from "./tensor.ts";
+import { ARRAY_OF, describe } from "./tensor.ts";
 import { WasmBackend } from "./wasm/backend.ts";
 import { autoPolicy, WebGpuBackend, type WebGpuBackendOptions } from "./gpu/backend.ts";
+
+/** Options of the top-k backward. */
+export interface BackwardOptions {
+  /** Caller buffer for gradLogits (logits dtype, T*E): written in place and returned, no allocation. */
+  gradLogitsOut?: FloatTensor["data"];
+}
+
+// The caller's buffer when given (filled from `data` unless the backend wrote into it), else `data`.
+function into<A extends ArrayBufferView>(buf: A | null | undefined, data: A): A {
+  if (buf === null || buf === undefined || buf === data) return data;
+  (buf as unknown as { set(src: A): void }).set(data);
+  return buf;
+}
 
 /** Options of {@linkcode createRouter}. */
 export interface RouterOptions {
@@ -59,7 +74,11 @@ export interface Router {
   /** See {@linkcode fusedTopkWithScoreFunction}. */
   fusedTopkWithScoreFunction(logits: FloatTensor, options: TopkOptions): Promise<TopkResult>;
   /** See {@linkcode fusedTopkWithScoreFunctionBackward}. */
-  fusedTopkWithScoreFunctionBackward(saved: TopkResult["saved"], gradProbs: FloatTensor): Promise<FloatTensor>;
+  fusedTopkWithScoreFunctionBackward(
+    saved: TopkResult["saved"],
+    gradProbs: FloatTensor,
+    options?: BackwardOptions,
+  ): Promise<FloatTensor>;
   /** See {@linkcode fusedComputeScoreForMoEAuxLoss}. */
   fusedComputeScoreForMoEAuxLoss(logits: FloatTensor, options: AuxScoresOptions): Promise<AuxScoresResult>;
   /** See {@linkcode fusedComputeScoreForMoEAuxLossBackward}. */
@@ -174,26 +193,47 @@ class BoundRouter implements Router {
     const plan = planTopk(logits, options);
     const b = this.#use(plan.T * plan.E);
     const out = await b.topkForward(plan, logits);
+    // a backend that did not write into the caller's buffers: copy into them
+    const probs = into(plan.probsOut, out.probs);
+    const intermediate = into(plan.intermediateOut, out.intermediate);
+    const route = plan.indicesOut || plan.routingMapOut
+      ? into<Uint8Array | IndexArray>(plan.indicesOut ?? plan.routingMapOut, out.route)
+      : out.route;
     const lead = plan.shape.slice(0, -1);
     const result: TopkResult = {
-      probs: { data: out.probs, shape: [...plan.shape], dtype: plan.dtype },
-      intermediate: { data: out.intermediate, shape: [...plan.shape], dtype: "float32" },
+      probs: { data: probs, shape: [...plan.shape], dtype: plan.dtype },
+      intermediate: { data: intermediate, shape: [...plan.shape], dtype: "float32" },
       saved: new Saved<TopkPlan>(b.name, "topk", plan, out.payload),
     };
     if (plan.route === "bytemap" || plan.route === "bitmap_u8") {
       const last = plan.route === "bytemap" ? plan.E : Math.ceil(plan.E / 8);
-      result.routingMap = { data: out.route as Uint8Array, shape: [...lead, last], dtype: "uint8" };
+      result.routingMap = { data: route as Uint8Array, shape: [...lead, last], dtype: "uint8" };
     } else {
-      result.indices = { data: out.route, shape: [...lead, plan.K], dtype: plan.route } as Tensor<IndexDType>;
+      result.indices = { data: route, shape: [...lead, plan.K], dtype: plan.route } as Tensor<IndexDType>;
     }
     return result;
   }
 
-  async fusedTopkWithScoreFunctionBackward(saved: TopkResult["saved"], gradProbs: FloatTensor): Promise<FloatTensor> {
+  async fusedTopkWithScoreFunctionBackward(
+    saved: TopkResult["saved"],
+    gradProbs: FloatTensor,
+    options: BackwardOptions = {},
+  ): Promise<FloatTensor> {
     const b = this.#use(0, savedBackend(saved));
     const { plan, payload } = Saved.take<TopkPlan>(saved, "topk", b.name);
     checkGrad("gradProbs", gradProbs, plan.shape, plan.dtype);
-    const data = await b.topkBackward(plan, payload, gradProbs);
+    if (typeof options !== "object" || options === null) {
+      throw new TypeError(`options must be an object, got ${describe(options)}`);
+    }
+    const outBuf = outputBuffer<FloatTensor["data"]>(
+      "gradLogitsOut",
+      options.gradLogitsOut,
+      ARRAY_OF[plan.dtype],
+      plan.T * plan.E,
+      [gradProbs.data],
+      [],
+    );
+    const data = into(outBuf, await b.topkBackward(plan, payload, gradProbs, outBuf));
     return { data, shape: [...plan.shape], dtype: plan.dtype };
   }
 

@@ -1138,3 +1138,78 @@ Deno.test("extreme logits keep their order: tiny scores stay distinct instead of
   }
   router.dispose();
 });
+
+Deno.test("caller output buffers are written in place, returned, and give the same results", async (t) => {
+  const router = await createRouter({ backend: "wasm", threads: 1 });
+  const T = 37, E = 40, K = 4;
+  const logits = { data: normals(mulberry32(91), T * E), shape: [T, E], dtype: "float32" as const };
+  const grad = { data: normals(mulberry32(92), T * E), shape: [T, E], dtype: "float32" as const };
+  for (
+    const [label, extra] of [
+      ["sigmoid bytemap", { scoreFunction: "sigmoid" as const }],
+      ["pre-softmax bitmap_u8", {
+        scoreFunction: "softmax" as const,
+        usePreSoftmax: true,
+        routingMapFormat: "bitmap_u8" as const,
+      }],
+    ] as const
+  ) {
+    await t.step(label, async () => {
+      const options: TopkOptions = { topk: K, ...extra };
+      const want = await router.fusedTopkWithScoreFunction(logits, options);
+      const wantGrad = await router.fusedTopkWithScoreFunctionBackward(want.saved, grad);
+      // dirty buffers: every element must be overwritten
+      const probsOut = new Float32Array(T * E).fill(7);
+      const intermediateOut = new Float32Array(T * E).fill(7);
+      const routingMapOut = new Uint8Array(want.routingMap!.data.length).fill(7);
+      const gradLogitsOut = new Float32Array(T * E).fill(7);
+      const got = await router.fusedTopkWithScoreFunction(logits, {
+        ...options,
+        probsOut,
+        intermediateOut,
+        routingMapOut,
+      });
+      assert.strictEqual(got.probs.data, probsOut);
+      assert.strictEqual(got.intermediate.data, intermediateOut);
+      assert.strictEqual(got.routingMap!.data, routingMapOut);
+      assertBitIdentical(got.probs.data, want.probs.data, "probs");
+      assertBitIdentical(got.intermediate.data, want.intermediate.data, "intermediate");
+      assertArrayEqual(got.routingMap!.data, want.routingMap!.data, "routing map");
+      const g = await router.fusedTopkWithScoreFunctionBackward(got.saved, grad, { gradLogitsOut });
+      assert.strictEqual(g.data, gradLogitsOut);
+      assertBitIdentical(g.data, wantGrad.data, "gradLogits");
+    });
+  }
+  await t.step("buffers of the wrong kind, length or overlapping an input are refused", async () => {
+    const options: TopkOptions = { topk: K, scoreFunction: "sigmoid" };
+    await assert.rejects(
+      router.fusedTopkWithScoreFunction(logits, {
+        ...options,
+        probsOut: new Float64Array(T * E) as unknown as Float32Array,
+      }),
+      (e: Error) => e instanceof TypeError && /probsOut must be a Float32Array, got Float64Array/.test(e.message),
+    );
+    await assert.rejects(
+      router.fusedTopkWithScoreFunction(logits, { ...options, intermediateOut: new Float32Array(3) }),
+      (e: Error) => e instanceof TypeError && /intermediateOut must have 1480 elements, got 3/.test(e.message),
+    );
+    await assert.rejects(
+      router.fusedTopkWithScoreFunction(logits, { ...options, probsOut: logits.data }),
+      (e: Error) => e instanceof TypeError && /probsOut must not share memory/.test(e.message),
+    );
+    const shared = new Float32Array(T * E);
+    await assert.rejects(
+      router.fusedTopkWithScoreFunction(logits, { ...options, probsOut: shared, intermediateOut: shared }),
+      (e: Error) => e instanceof TypeError && /intermediateOut must not share memory/.test(e.message),
+    );
+    await assert.rejects(
+      router.fusedTopkWithScoreFunction(logits, {
+        ...options,
+        indexDtype: "int32",
+        routingMapOut: new Uint8Array(T * E),
+      }),
+      (e: Error) => e instanceof TypeError && /routingMapOut needs a routing map output/.test(e.message),
+    );
+  });
+  router.dispose();
+});

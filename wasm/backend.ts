@@ -258,10 +258,11 @@ export class WasmBackend implements Backend {
     const { T, E, K, dtype, route } = plan;
     const inB = BYTES_OF[dtype];
     const rB = routeRowBytes(route, E, K);
-    const probs = newFloat(dtype, T * E);
+    // caller buffers are used as they are (probs zeroed first: it is scattered into)
+    const probs = plan.probsOut?.fill(0) ?? newFloat(dtype, T * E);
     const probsBits = rawBits(probs);
-    const intermediate = new Float32Array(T * E);
-    const routeOut: Uint8Array | IndexArray = plan.indicesOut ?? newRoute(route, T, E, K);
+    const intermediate = plan.intermediateOut ?? new Float32Array(T * E);
+    const routeOut: Uint8Array | IndexArray = plan.indicesOut ?? plan.routingMapOut ?? newRoute(route, T, E, K);
     const yasc = new Float32Array(T * K);
     const n = this.#chunk(T, E * inB + 4 * E + rB + K * (inB + 8));
     const k = this.#k;
@@ -324,21 +325,31 @@ export class WasmBackend implements Backend {
     return { probs, intermediate, route: routeOut, payload };
   }
 
-  topkBackward(plan: TopkPlan, payload: unknown, grad: FloatTensor): Promise<FloatTensor["data"]> {
+  topkBackward(
+    plan: TopkPlan,
+    payload: unknown,
+    grad: FloatTensor,
+    out: FloatTensor["data"] | null = null,
+  ): Promise<FloatTensor["data"]> {
     const saved = payload as TopkPayload;
     return this.#serial(() =>
-      saved.full ? this.#topkBackwardDense(plan, saved, grad) : this.#topkBackwardSparse(plan, saved, grad)
+      saved.full ? this.#topkBackwardDense(plan, saved, grad, out) : this.#topkBackwardSparse(plan, saved, grad, out)
     );
   }
 
   // Every expert but pre-softmax's: read the chosen experts back from the
   // routing output (any format), gather gradProbs there, run the compact
   // kernel, scatter into zeroed rows.
-  async #topkBackwardSparse(plan: TopkPlan, saved: TopkPayload, grad: FloatTensor): Promise<FloatTensor["data"]> {
+  async #topkBackwardSparse(
+    plan: TopkPlan,
+    saved: TopkPayload,
+    grad: FloatTensor,
+    outBuf: FloatTensor["data"] | null,
+  ): Promise<FloatTensor["data"]> {
     const { T, E, K, dtype, route } = plan;
     const inB = BYTES_OF[dtype];
     const rB = routeRowBytes(route, E, K);
-    const out = newFloat(dtype, T * E);
+    const out = outBuf?.fill(0) ?? newFloat(dtype, T * E);
     const outBits = rawBits(out);
     const gradBits = rawBits(grad.data);
     const n = this.#chunk(T, rB + K * (2 * inB + 16));
@@ -393,11 +404,16 @@ export class WasmBackend implements Backend {
   }
 
   // Pre-softmax: every expert gets a gradient; dense rows.
-  async #topkBackwardDense(plan: TopkPlan, saved: TopkPayload, grad: FloatTensor): Promise<FloatTensor["data"]> {
+  async #topkBackwardDense(
+    plan: TopkPlan,
+    saved: TopkPayload,
+    grad: FloatTensor,
+    outBuf: FloatTensor["data"] | null,
+  ): Promise<FloatTensor["data"]> {
     const { T, E, K, dtype, route } = plan;
     const inB = BYTES_OF[dtype];
     const rB = routeRowBytes(route, E, K);
-    const out = newFloat(dtype, T * E);
+    const out = outBuf ?? newFloat(dtype, T * E);
     const n = this.#chunk(T, 2 * E * inB + 4 * E + rB);
     const k = this.#k;
     const L = new Layout(k.heapBase());

@@ -28,7 +28,9 @@ export class CliError extends Error {}
 
 /** Where the CLI writes; tests pass their own. */
 export interface CliIO {
+  /** Writes one line of output. */
   out(line: string): void;
+  /** Writes one line of diagnostics. */
   err(line: string): void;
 }
 

@@ -26,6 +26,7 @@
 export * from "./_types.ts";
 export { empty, tensor } from "./tensor.ts";
 export { type BackwardOptions, createRouter, type Router, type RouterOptions } from "./router.ts";
+export type { WebGpuBackendOptions } from "./gpu/backend.ts";
 export {
   fusedComputeScoreForMoEAuxLoss,
   fusedComputeScoreForMoEAuxLossBackward,

@@ -71,12 +71,19 @@ export function dtypeOf(data: ArrayBufferView): DType | undefined {
  * ```
  */
 export function tensor(data: Float32Array, shape?: readonly number[]): Tensor<"float32">;
+/** A float16 tensor of a Float16Array. */
 export function tensor(data: Float16Array, shape?: readonly number[]): Tensor<"float16">;
+/** A bfloat16 tensor of a Uint16Array (the upper 16 bits of each float32). */
 export function tensor(data: Uint16Array, shape?: readonly number[]): Tensor<"bfloat16">;
+/** An int16 tensor of an Int16Array. */
 export function tensor(data: Int16Array, shape?: readonly number[]): Tensor<"int16">;
+/** An int32 tensor of an Int32Array. */
 export function tensor(data: Int32Array, shape?: readonly number[]): Tensor<"int32">;
+/** An int64 tensor of a BigInt64Array. */
 export function tensor(data: BigInt64Array, shape?: readonly number[]): Tensor<"int64">;
+/** A uint8 tensor of a Uint8Array. */
 export function tensor(data: Uint8Array, shape?: readonly number[]): Tensor<"uint8">;
+/** A tensor of the given dtype; `data` must be that dtype's typed array. */
 export function tensor<D extends DType>(data: DataOf[D], shape: readonly number[], dtype: D): Tensor<D>;
 export function tensor<D extends DType>(
   data: DataOf[D],

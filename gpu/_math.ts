@@ -14,14 +14,15 @@ const KEY_NAN: u32 = 1u;           // NaN ranks below every number
 const NEG_INF: u32 = 0xff800000u;
 
 fn isNan(x: f32) -> bool { return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u; }
-fn negInf() -> f32 { return bitcast<f32>(NEG_INF); }
+// through a var: Chrome's WGSL compiler refuses infinities made from constants
+fn negInf() -> f32 { var bits = NEG_INF; return bitcast<f32>(bits); }
 
 // exp(x): x = n*ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2), exp(r) by
 // a degree-6 minimax polynomial, then scaled by 2^n through the exponent bits.
 // Below -87.3 the result is 0, above 88.37 it is +inf; NaN propagates.
 fn mexp(x: f32) -> f32 {
   if (isNan(x)) { return x; }
-  if (x > 88.37) { return bitcast<f32>(0x7f800000u); }
+  if (x > 88.37) { var inf = 0x7f800000u; return bitcast<f32>(inf); }
   if (x < -87.33654475) { return 0.0; }
   let n = round(x * 1.44269504088896341);
   var r = x - n * 0.693359375;

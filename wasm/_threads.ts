@@ -110,10 +110,19 @@ export function threadsAvailable(): boolean {
   }
 }
 
-/** The number of hardware threads, or 1 where the runtime does not say. */
-export function hardwareThreads(): number {
+/** The number of hardware threads (Node 20 has no navigator: os.availableParallelism), or 1 where unknown. */
+export async function hardwareThreads(): Promise<number> {
   const n = (globalThis as { navigator?: { hardwareConcurrency?: number } }).navigator?.hardwareConcurrency;
-  return typeof n === "number" && n >= 1 ? Math.floor(n) : 1;
+  if (typeof n === "number" && n >= 1) return Math.floor(n);
+  if (isNode()) {
+    try {
+      const os = await import("node:os" as string) as { availableParallelism?(): number; cpus(): unknown[] };
+      return Math.max(1, os.availableParallelism?.() ?? os.cpus().length);
+    } catch {
+      return 1;
+    }
+  }
+  return 1;
 }
 
 /** Worker threads sharing one memory; started on first use, ended when idle. */

@@ -148,7 +148,7 @@ export class WasmBackend implements Backend {
    */
   static async create(options: WasmBackendOptions = {}): Promise<WasmBackend> {
     const chunkBytes = options.chunkBytes ?? DEFAULT_CHUNK_BYTES;
-    const threads = options.threads ?? hardwareThreads();
+    const threads = options.threads ?? await hardwareThreads();
     if (threads > 1 && threadsAvailable()) {
       const module = await compile("shared");
       const memory = new WebAssembly.Memory({ initial: 16, maximum: SHARED_MAX_PAGES, shared: true });

@@ -45,12 +45,17 @@ async function cli(args: string[]): Promise<Run> {
   return { code, out, err };
 }
 
+// Mesa's Vulkan driver (probed by the "auto" backend) prints a line to
+// stderr when XDG_RUNTIME_DIR is unset: give the child process a valid one,
+// as a desktop session would, so that stderr holds the CLI's lines only.
+const XDG_RUNTIME_DIR = Deno.env.get("XDG_RUNTIME_DIR") || await Deno.makeTempDir({ prefix: "xdg-" });
+
 /** Runs `deno run cli.ts ...args` as a process; stdout and stderr split into lines. */
 async function subprocess(args: string[]): Promise<Run> {
   const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
     args: ["run", "--allow-read", "--allow-write", "--allow-env", CLI_PATH, ...args],
     cwd: REPO_DIR,
-    env: { NO_COLOR: "1" },
+    env: { NO_COLOR: "1", XDG_RUNTIME_DIR },
     stdin: "null",
     stdout: "piped",
     stderr: "piped",

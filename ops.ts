@@ -79,8 +79,9 @@ export async function fusedTopkWithScoreFunction(logits: FloatTensor, options: T
 export async function fusedTopkWithScoreFunctionBackward(
   saved: SavedState,
   gradProbs: FloatTensor,
+  options?: BackwardOptions,
 ): Promise<FloatTensor> {
-  return (await router()).fusedTopkWithScoreFunctionBackward(saved, gradProbs);
+  return (await router()).fusedTopkWithScoreFunctionBackward(saved, gradProbs, options);
 }
 
 /**

@@ -48,6 +48,9 @@ export const MIN_PARALLEL_ELEMENTS = 1 << 18;
 // wasm32 addresses: the module can never hold more than this
 const MAX_MEMORY = 4 * 1024 * 1024 * 1024 - 65536;
 const PAGE = 65536;
+const MAX_TOKEN_SCRATCH = 2 ** 31 - 1;
+/** Most worker threads a backend may start (each is a runtime of its own). */
+const MAX_THREADS = 256;
 
 const compiled: Record<"local" | "shared", Promise<WebAssembly.Module> | undefined> = {
   local: undefined,
@@ -149,6 +152,9 @@ export class WasmBackend implements Backend {
   static async create(options: WasmBackendOptions = {}): Promise<WasmBackend> {
     const chunkBytes = options.chunkBytes ?? DEFAULT_CHUNK_BYTES;
     const threads = options.threads ?? await hardwareThreads();
+    if (!Number.isInteger(threads) || threads < 1 || threads > MAX_THREADS) {
+      throw new RangeError(`threads must be an integer in [1, ${MAX_THREADS}], got ${threads}`);
+    }
     if (threads > 1 && threadsAvailable()) {
       const module = await compile("shared");
       const memory = new WebAssembly.Memory({ initial: 16, maximum: SHARED_MAX_PAGES, shared: true });
@@ -222,6 +228,31 @@ export class WasmBackend implements Backend {
     else await (this.#pool as ThreadPool).run(jobs, call);
   }
 
+  // Scratch bytes of one token, computed here in float64 (the kernel's own
+  // scratchBytes is 32-bit and wraps for huge E); the two agree wherever the
+  // kernel's can be trusted, which is checked.
+  #scratchBytes(E: number, K: number, G: number, what: string): number {
+    const r16 = Math.ceil(E / 16) * 16;
+    const k4 = Math.ceil(K / 4) * 16;
+    const g4 = Math.ceil(G / 4) * 16;
+    const bytes = 4 * (r16 * 4) + Math.max(1024, r16) + 3 * k4 + 2 * g4 + 5 * k4 + 64;
+    // the kernels address one token's scratch with 32-bit offsets
+    if (bytes > MAX_TOKEN_SCRATCH) {
+      throw new RangeError(
+        `${what} needs ${bytes} bytes of WebAssembly scratch memory per token for E=${E}, beyond the kernels' limit of ${MAX_TOKEN_SCRATCH} bytes (32-bit offsets)`,
+      );
+    }
+    if (bytes * this.threads > this.#maxBytes) {
+      throw new RangeError(
+        `${what} needs ${
+          bytes * this.threads
+        } bytes of WebAssembly scratch memory for E=${E}, beyond this backend's limit of ${this.#maxBytes} bytes`,
+      );
+    }
+    if (this.#k.scratchBytes(E, K, G) !== bytes) throw new Error(`moe-router: scratch layouts disagree for E=${E}`);
+    return bytes;
+  }
+
   // Regions of `bytes`, one per thread that may run a chunk.
   #scratch(L: Layout, bytes: number): number[] {
     return Array.from({ length: this.threads }, () => L.take(bytes));
@@ -258,16 +289,10 @@ export class WasmBackend implements Backend {
     const { T, E, K, dtype, route } = plan;
     const inB = BYTES_OF[dtype];
     const rB = routeRowBytes(route, E, K);
-    // caller buffers are used as they are (probs zeroed first: it is scattered into)
-    const probs = plan.probsOut?.fill(0) ?? newFloat(dtype, T * E);
-    const probsBits = rawBits(probs);
-    const intermediate = plan.intermediateOut ?? new Float32Array(T * E);
-    const routeOut: Uint8Array | IndexArray = plan.indicesOut ?? plan.routingMapOut ?? newRoute(route, T, E, K);
-    const yasc = new Float32Array(T * K);
     const n = this.#chunk(T, E * inB + 4 * E + rB + K * (inB + 8));
     const k = this.#k;
     const L = new Layout(k.heapBase());
-    const scratch = this.#scratch(L, k.scratchBytes(E, K, plan.numGroups));
+    const scratch = this.#scratch(L, this.#scratchBytes(E, K, plan.numGroups, "fusedTopkWithScoreFunction"));
     const bias = plan.bias ? L.take(4 * align16(E)) : 0;
     const inP = L.take(n * E * inB);
     const interP = this.#scratch(L, n * E * 4); // per thread: row vectors spill past the row end
@@ -276,6 +301,13 @@ export class WasmBackend implements Backend {
     const listP = L.take(n * K * 4);
     const yascP = L.take(n * K * 4);
     this.#ensure(L.end, "fusedTopkWithScoreFunction");
+    // outputs only once the work is known to fit; caller buffers are used as
+    // they are (probs zeroed first: it is scattered into)
+    const probs = plan.probsOut?.fill(0) ?? newFloat(dtype, T * E);
+    const probsBits = rawBits(probs);
+    const intermediate = plan.intermediateOut ?? new Float32Array(T * E);
+    const routeOut: Uint8Array | IndexArray = plan.indicesOut ?? plan.routingMapOut ?? newRoute(route, T, E, K);
+    const yasc = new Float32Array(T * K);
     if (plan.bias) {
       this.#bytes().fill(0, bias, bias + 4 * align16(E));
       this.#put(bias, plan.bias, 0, E);
@@ -417,7 +449,7 @@ export class WasmBackend implements Backend {
     const n = this.#chunk(T, 2 * E * inB + 4 * E + rB);
     const k = this.#k;
     const L = new Layout(k.heapBase());
-    const scratch = this.#scratch(L, k.scratchBytes(E, K, 0));
+    const scratch = this.#scratch(L, this.#scratchBytes(E, K, 0, "fusedTopkWithScoreFunctionBackward"));
     const gradP = L.take(n * E * inB);
     const interP = L.take(n * E * 4);
     const routeP = L.take(n * rB);
@@ -460,7 +492,7 @@ export class WasmBackend implements Backend {
       const n = this.#chunk(T, E * inB + 8 * E + rB);
       const k = this.#k;
       const L = new Layout(k.heapBase());
-      const scratch = this.#scratch(L, k.scratchBytes(E, K, 0));
+      const scratch = this.#scratch(L, this.#scratchBytes(E, K, 0, "fusedComputeScoreForMoEAuxLoss"));
       const inP = L.take(n * E * inB);
       const scoresP = L.take(n * E * 4);
       const interP = L.take(n * E * 4);
@@ -501,7 +533,7 @@ export class WasmBackend implements Backend {
       const n = this.#chunk(T, 8 * E + E * outB);
       const k = this.#k;
       const L = new Layout(k.heapBase());
-      const scratch = this.#scratch(L, k.scratchBytes(E, 1, 0));
+      const scratch = this.#scratch(L, this.#scratchBytes(E, 1, 0, "fusedComputeScoreForMoEAuxLossBackward"));
       const gradP = L.take(n * E * 4);
       const interP = L.take(n * E * 4);
       const outP = L.take(n * E * outB);

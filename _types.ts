@@ -164,6 +164,38 @@ export interface TopkResult {
   saved: SavedState;
 }
 
+/**
+ * Options of {@linkcode fusedTopkWithScoreFunction} on GPU-resident logits:
+ * those of {@linkcode TopkOptions} but the caller output buffers (the outputs
+ * are new GpuTensors) and `checkFinite`; the bias may be GPU-resident too.
+ */
+export type GpuTopkOptions =
+  & Omit<TopkOptions, "expertBias" | "indicesOut" | "probsOut" | "intermediateOut" | "routingMapOut" | "checkFinite">
+  & {
+    /** Per-expert bias, shape [E], on the host or on the router's device. */
+    expertBias?: FloatTensor | GpuTensor<FloatDType>;
+  };
+
+/**
+ * Result of {@linkcode fusedTopkWithScoreFunction} on GPU-resident logits:
+ * the same outputs as {@linkcode TopkResult}, as new GpuTensors the caller
+ * owns (usage STORAGE | COPY_SRC | COPY_DST). The saved state keeps
+ * `intermediate` and the routing output on the GPU: destroy or overwrite
+ * them only after the backward call (or `saved.release()`).
+ */
+export interface GpuTopkResult {
+  /** [..., E], logits dtype. */
+  probs: GpuTensor<FloatDType>;
+  /** Routing map, when no dense output was asked for. */
+  routingMap?: GpuTensor<"uint8">;
+  /** Dense indices [..., K], when asked for (int64 as two little-endian 32-bit words). */
+  indices?: GpuTensor<IndexDType>;
+  /** [..., E] float32, saved for backward. */
+  intermediate: GpuTensor<"float32">;
+  /** State for {@linkcode fusedTopkWithScoreFunctionBackward}. */
+  saved: SavedState;
+}
+
 /** Result of {@linkcode fusedComputeScoreForMoEAuxLoss}. */
 export interface AuxScoresResult {
   /** [..., E] float32 normalised scores. */

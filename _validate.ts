@@ -4,8 +4,10 @@
 import type {
   AuxLossOptions,
   AuxScoresOptions,
+  DType,
   FloatDType,
   FloatTensor,
+  GpuTensor,
   IndexArray,
   IndexDType,
   RoutingMapFormat,
@@ -14,7 +16,7 @@ import type {
   TokensPerExpertDType,
   TopkOptions,
 } from "./_types.ts";
-import { ARRAY_OF, checkShape, describe } from "./tensor.ts";
+import { ARRAY_OF, BYTES_OF, checkShape, describe, sizeOf } from "./tensor.ts";
 
 /** Routing output of a forward call: a map layout or a dense index dtype. */
 export type RouteFormat = RoutingMapFormat | IndexDType;
@@ -33,6 +35,8 @@ export interface TopkPlan {
   readonly groupTopk: number;
   readonly scale: number;
   readonly bias: Float32Array | null;
+  /** The expert bias as a GPU-resident tensor (webgpu only; then `bias` is null). */
+  readonly biasGpu: GpuTensor<FloatDType> | null;
   readonly route: RouteFormat;
   readonly indicesOut: IndexArray | null;
   /** Caller buffers for probs / intermediate / routing map, written in place. */
@@ -151,14 +155,14 @@ function positiveInt(name: string, v: unknown): number {
   return v;
 }
 
-function tokensAndExperts(name: string, t: FloatTensor): { T: number; E: number } {
+function tokensAndExperts(name: string, t: { shape: readonly number[] }): { T: number; E: number } {
   const E = t.shape[t.shape.length - 1] ?? 0;
   if (E <= 0) {
     throw new RangeError(
       `${name} must have at least one expert (last dimension > 0), got shape [${t.shape.join(", ")}]`,
     );
   }
-  return { T: t.data.length / E, E };
+  return { T: sizeOf(t.shape) / E, E };
 }
 
 function topkIn(K: unknown, E: number): number {
@@ -231,9 +235,20 @@ function checkFinite(flag: unknown, logits: FloatTensor, E: number): void {
 
 /** Validates the arguments of the top-k forward and resolves defaults. */
 export function planTopk(logits: unknown, options: unknown): TopkPlan {
-  checkFloatTensor("logits", logits);
+  const gpu = isGpuTensor(logits);
+  if (gpu) checkGpuTensor("logits", logits, FLOAT_DTYPES);
+  else checkFloatTensor("logits", logits);
   checkObject("options", options);
   const o = options as Partial<TopkOptions>;
+  if (gpu) {
+    for (const name of ["indicesOut", "probsOut", "intermediateOut", "routingMapOut", "checkFinite"] as const) {
+      if (o[name] !== undefined && o[name] !== false) {
+        throw new TypeError(
+          `${name} applies to host logits; with GPU-resident logits the outputs are new GpuTensors, got ${name} with a GpuTensor`,
+        );
+      }
+    }
+  }
   const { T, E } = tokensAndExperts("logits", logits);
   const K = topkIn(o.topk, E);
   const score = scoreFunction(o.scoreFunction);
@@ -275,17 +290,21 @@ export function planTopk(logits: unknown, options: unknown): TopkPlan {
   }
 
   let bias: Float32Array | null = null;
+  let biasGpu: GpuTensor<FloatDType> | null = null;
   if (o.expertBias !== undefined) {
     if (score === "softmax") {
       throw new TypeError(
         `expertBias is supported with scoreFunction sigmoid or sqrtsoftplus only, got scoreFunction "softmax"`,
       );
     }
-    checkFloatTensor("expertBias", o.expertBias);
-    if (o.expertBias.shape.length !== 1 || o.expertBias.shape[0] !== E) {
-      throw new TypeError(`expertBias.shape must be [${E}], got [${o.expertBias.shape.join(", ")}]`);
+    const b: unknown = o.expertBias;
+    if (isGpuTensor(b)) checkGpuTensor("expertBias", b, FLOAT_DTYPES);
+    else checkFloatTensor("expertBias", b);
+    if (b.shape.length !== 1 || b.shape[0] !== E) {
+      throw new TypeError(`expertBias.shape must be [${E}], got [${b.shape.join(", ")}]`);
     }
-    bias = toFloat32(o.expertBias);
+    if (isGpuTensor(b)) biasGpu = b as GpuTensor<FloatDType>;
+    else bias = toFloat32(b);
   }
 
   let route: RouteFormat = mapFormat(o.routingMapFormat);
@@ -313,7 +332,7 @@ export function planTopk(logits: unknown, options: unknown): TopkPlan {
         `indicesOut must have tokens*topk = ${T}*${K} = ${T * K} elements, got ${o.indicesOut.length}`,
       );
     }
-    if (overlaps(o.indicesOut, logits.data)) {
+    if (overlaps(o.indicesOut, (logits as FloatTensor).data)) {
       throw new TypeError(`indicesOut must not share memory with logits.data, got an array over the same bytes`);
     }
     route = dt;
@@ -325,7 +344,9 @@ export function planTopk(logits: unknown, options: unknown): TopkPlan {
   if (o.routingMapFormat !== undefined && (route === "int16" || route === "int32" || route === "int64")) {
     throw new TypeError(`routingMapFormat and dense indices (indexDtype / indicesOut) exclude each other, got both`);
   }
-  const inputs: ArrayBufferView[] = [logits.data, ...(o.expertBias ? [o.expertBias.data] : [])];
+  const inputs: ArrayBufferView[] = gpu
+    ? []
+    : [logits.data, ...(bias !== null ? [(o.expertBias as FloatTensor).data] : [])];
   const outs: ArrayBufferView[] = indicesOut ? [indicesOut] : [];
   const probsOut = outputBuffer<FloatTensor["data"]>(
     "probsOut",
@@ -350,19 +371,20 @@ export function planTopk(logits: unknown, options: unknown): TopkPlan {
   const mapLength = T * (route === "bitmap_u8" ? Math.ceil(E / 8) : E);
   const routingMapOut = outputBuffer<Uint8Array>("routingMapOut", o.routingMapOut, Uint8Array, mapLength, inputs, outs);
 
-  checkFinite(o.checkFinite, logits, E);
+  if (!gpu) checkFinite(o.checkFinite, logits as FloatTensor, E);
   return {
     shape: [...logits.shape],
     T,
     E,
     K,
-    dtype: logits.dtype,
+    dtype: logits.dtype as FloatDType,
     score,
     pre,
     numGroups,
     groupTopk,
     scale,
     bias,
+    biasGpu,
     route,
     indicesOut,
     probsOut,
@@ -472,14 +494,57 @@ export function planAuxLoss(probs: unknown, tokensPerExpert: unknown, options: u
   };
 }
 
-/** Checks a gradient tensor against the forward's shape and dtype. */
+/** Whether a value is a GPU-resident tensor: an object whose `buffer` is a GPUBuffer. */
+export function isGpuTensor(v: unknown): v is GpuTensor {
+  const ctor = (globalThis as { GPUBuffer?: abstract new (...a: never[]) => unknown }).GPUBuffer;
+  return typeof v === "object" && v !== null && ctor !== undefined &&
+    (v as { buffer?: unknown }).buffer instanceof ctor;
+}
+
+const GPU_USAGE_STORAGE = 0x80; // GPUBufferUsage.STORAGE
+
+/**
+ * Checks a GPU-resident input tensor: its dtype among `dtypes`, its shape,
+ * a buffer of at least the tensor's bytes (rounded up to 4), with
+ * GPUBufferUsage.STORAGE, not mapped.
+ */
+export function checkGpuTensor(name: string, t: GpuTensor, dtypes: readonly DType[]): void {
+  if (!dtypes.includes(t.dtype)) {
+    throw new TypeError(`${name}.dtype must be one of ${dtypes.join(", ")}, got ${describe(t.dtype)}`);
+  }
+  if (!Array.isArray(t.shape) || t.shape.some((d) => !Number.isSafeInteger(d) || d < 0)) {
+    throw new TypeError(`${name}.shape must be an array of non-negative integers, got ${describe(t.shape)}`);
+  }
+  if (t.shape.length < 1) {
+    throw new TypeError(`${name} must have at least one dimension (the expert axis), got shape []`);
+  }
+  const n = sizeOf(t.shape);
+  const bytes = Math.ceil((n * BYTES_OF[t.dtype]) / 4) * 4;
+  const b = t.buffer;
+  if (b.size < bytes) {
+    throw new TypeError(
+      `${name}.buffer must hold at least ${bytes} bytes (${n} ${t.dtype} elements, rounded up to 4), got ${b.size}`,
+    );
+  }
+  if ((b.usage & GPU_USAGE_STORAGE) === 0) {
+    throw new TypeError(
+      `${name}.buffer must have GPUBufferUsage.STORAGE (0x80) in its usage, got usage 0x${b.usage.toString(16)}`,
+    );
+  }
+  if (b.mapState !== "unmapped") {
+    throw new TypeError(`${name}.buffer must be unmapped while the router uses it, got mapState "${b.mapState}"`);
+  }
+}
+
+/** Checks a gradient tensor (host, or GPU-resident) against the forward's shape and dtype. */
 export function checkGrad(
   name: string,
   grad: unknown,
   shape: readonly number[],
   dtype: FloatDType,
-): asserts grad is FloatTensor {
-  checkFloatTensor(name, grad, shape.length > 0);
+): asserts grad is FloatTensor | GpuTensor<FloatDType> {
+  if (isGpuTensor(grad)) checkGpuTensor(name, grad, FLOAT_DTYPES);
+  else checkFloatTensor(name, grad, shape.length > 0);
   if (grad.dtype !== dtype) {
     throw new TypeError(`${name}.dtype must be ${dtype} (the forward's dtype), got ${grad.dtype}`);
   }

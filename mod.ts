@@ -25,8 +25,9 @@
  */
 export * from "./_types.ts";
 export { empty, tensor } from "./tensor.ts";
-export { type BackwardOptions, createRouter, type Router, type RouterOptions } from "./router.ts";
+export { type BackwardOptions, createRouter, type GpuResidentOps, type Router, type RouterOptions } from "./router.ts";
 export type { WebGpuBackendOptions } from "./gpu/backend.ts";
+export { readGpuTensor, toGpuTensor } from "./gpu/gpu_tensor.ts";
 export {
   fusedComputeScoreForMoEAuxLoss,
   fusedComputeScoreForMoEAuxLossBackward,

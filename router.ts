@@ -11,7 +11,11 @@ import type {
   AuxScoresResult,
   BackendChoice,
   BackendName,
+  FloatDType,
   FloatTensor,
+  GpuTensor,
+  GpuTopkOptions,
+  GpuTopkResult,
   IndexArray,
   IndexDType,
   Tensor,
@@ -22,6 +26,7 @@ import {
   type AuxLossPlan,
   type AuxScoresPlan,
   checkGrad,
+  isGpuTensor,
   outputBuffer,
   planAuxLoss,
   planAuxScores,
@@ -71,6 +76,12 @@ export interface Router {
   readonly lastChoice: { backend: BackendName; reason: string } | null;
   /** CPU threads big batches run on (WebAssembly; 1 for other backends). */
   readonly threads: number;
+  /**
+   * The WebGPU device of the router ("webgpu", or "auto" with a hardware
+   * adapter), on which GPU-resident tensors ({@linkcode GpuTensor}) must
+   * live; null when the router has none.
+   */
+  readonly device: GPUDevice | null;
   /** See {@linkcode fusedTopkWithScoreFunction}. */
   fusedTopkWithScoreFunction(logits: FloatTensor, options: TopkOptions): Promise<TopkResult>;
   /** See {@linkcode fusedTopkWithScoreFunctionBackward}. */
@@ -92,6 +103,24 @@ export interface Router {
   fusedMoEAuxLossBackward(saved: AuxLossResult["saved"], gradLoss: number | FloatTensor): Promise<FloatTensor>;
   /** Frees what the router holds; later calls throw. */
   dispose(): void;
+}
+
+/**
+ * The GPU-resident forms of the top-k operations, on a router that runs
+ * WebGPU ("webgpu", or "auto" with a hardware adapter): inputs are
+ * {@linkcode GpuTensor}s on `router.device`, outputs are new GpuTensors the
+ * caller owns (usage `STORAGE | COPY_SRC | COPY_DST`), nothing is read back,
+ * and the saved state stays on the GPU. Input buffers need
+ * `GPUBufferUsage.STORAGE`. A router without WebGPU refuses them (TypeError).
+ */
+export interface GpuResidentOps {
+  /** Top-k forward on GPU-resident logits (and optionally a GPU-resident expertBias). */
+  fusedTopkWithScoreFunction(logits: GpuTensor<FloatDType>, options: GpuTopkOptions): Promise<GpuTopkResult>;
+  /** Top-k backward with GPU-resident gradProbs: gradLogits is a new GpuTensor. */
+  fusedTopkWithScoreFunctionBackward(
+    saved: TopkResult["saved"],
+    gradProbs: GpuTensor<FloatDType>,
+  ): Promise<GpuTensor<FloatDType>>;
 }
 
 const BACKENDS: readonly BackendChoice[] = ["auto", "wasm", "webgpu"];
@@ -119,7 +148,7 @@ const BACKENDS: readonly BackendChoice[] = ["auto", "wasm", "webgpu"];
  * router.dispose();
  * ```
  */
-export async function createRouter(options: RouterOptions = {}): Promise<Router> {
+export async function createRouter(options: RouterOptions = {}): Promise<Router & GpuResidentOps> {
   const choice = options.backend ?? "auto";
   if (!BACKENDS.includes(choice)) {
     throw new TypeError(`backend must be one of ${BACKENDS.join(", ")}, got ${describe(choice)}`);
@@ -147,12 +176,13 @@ function positive(name: string, v: unknown): number {
   return v;
 }
 
-class BoundRouter implements Router {
+class BoundRouter implements Router, GpuResidentOps {
   #backend: Backend | null;
   #big: { backend: Backend; minElements: number } | null;
   readonly backend: BackendName;
   readonly reason: string;
   readonly threads: number;
+  readonly device: GPUDevice | null;
   lastChoice: { backend: BackendName; reason: string } | null = null;
 
   /** `big`: auto's second backend (WebGPU), used for calls of at least minElements logits. */
@@ -162,6 +192,21 @@ class BoundRouter implements Router {
     this.backend = big?.backend.name ?? backend.name;
     this.reason = reason;
     this.threads = backend instanceof WasmBackend ? backend.threads : 1;
+    const gpu = big?.backend ?? backend;
+    this.device = gpu instanceof WebGpuBackend ? gpu.device : null;
+  }
+
+  // The WebGPU backend for a call with GPU-resident tensors (`what` names one).
+  #gpu(what: string): WebGpuBackend {
+    if (this.#backend === null) throw new Error(`this router was disposed; create a new one with createRouter()`);
+    const b = this.#big?.backend ?? this.#backend;
+    if (!(b instanceof WebGpuBackend)) {
+      throw new TypeError(
+        `${what} is a GpuTensor: GPU-resident tensors need a router on the webgpu backend, this one runs ${b.name}`,
+      );
+    }
+    if (this.#big !== null) this.lastChoice = { backend: b.name, reason: `${what} is GPU-resident` };
+    return b;
   }
 
   // The backend of a call of `elements` logits (auto: per call), or of a saved state's backend.
@@ -189,9 +234,37 @@ class BoundRouter implements Router {
     this.#big = null;
   }
 
-  async fusedTopkWithScoreFunction(logits: FloatTensor, options: TopkOptions): Promise<TopkResult> {
+  fusedTopkWithScoreFunction(logits: FloatTensor, options: TopkOptions): Promise<TopkResult>;
+  fusedTopkWithScoreFunction(logits: GpuTensor<FloatDType>, options: GpuTopkOptions): Promise<GpuTopkResult>;
+  fusedTopkWithScoreFunction(
+    logits: FloatTensor | GpuTensor<FloatDType>,
+    options: TopkOptions | GpuTopkOptions,
+  ): Promise<TopkResult | GpuTopkResult> {
+    return isGpuTensor(logits) ? this.#topkGpu(logits, options) : this.#topkHost(logits, options as TopkOptions);
+  }
+
+  async #topkGpu(logits: GpuTensor<FloatDType>, options: GpuTopkOptions): Promise<GpuTopkResult> {
     const plan = planTopk(logits, options);
-    const b = this.#use(plan.T * plan.E);
+    const b = this.#gpu("logits");
+    const out = await b.topkForwardGpu(plan, logits);
+    const lead = plan.shape.slice(0, -1);
+    const result: GpuTopkResult = {
+      probs: { buffer: out.probs, shape: [...plan.shape], dtype: plan.dtype },
+      intermediate: { buffer: out.intermediate, shape: [...plan.shape], dtype: "float32" },
+      saved: new Saved<TopkPlan>(b.name, "topk", plan, out.payload),
+    };
+    if (plan.route === "bytemap" || plan.route === "bitmap_u8") {
+      const last = plan.route === "bytemap" ? plan.E : Math.ceil(plan.E / 8);
+      result.routingMap = { buffer: out.route, shape: [...lead, last], dtype: "uint8" };
+    } else {
+      result.indices = { buffer: out.route, shape: [...lead, plan.K], dtype: plan.route };
+    }
+    return result;
+  }
+
+  async #topkHost(logits: FloatTensor, options: TopkOptions): Promise<TopkResult> {
+    const plan = planTopk(logits, options);
+    const b = plan.biasGpu !== null ? this.#gpu("expertBias") : this.#use(plan.T * plan.E);
     const out = await b.topkForward(plan, logits);
     // a backend that did not write into the caller's buffers: copy into them
     const probs = into(plan.probsOut, out.probs);
@@ -214,11 +287,29 @@ class BoundRouter implements Router {
     return result;
   }
 
-  async fusedTopkWithScoreFunctionBackward(
+  fusedTopkWithScoreFunctionBackward(
     saved: TopkResult["saved"],
     gradProbs: FloatTensor,
+    options?: BackwardOptions,
+  ): Promise<FloatTensor>;
+  fusedTopkWithScoreFunctionBackward(
+    saved: TopkResult["saved"],
+    gradProbs: GpuTensor<FloatDType>,
+  ): Promise<GpuTensor<FloatDType>>;
+  async fusedTopkWithScoreFunctionBackward(
+    saved: TopkResult["saved"],
+    gradProbs: FloatTensor | GpuTensor<FloatDType>,
     options: BackwardOptions = {},
-  ): Promise<FloatTensor> {
+  ): Promise<FloatTensor | GpuTensor<FloatDType>> {
+    if (isGpuTensor(gradProbs)) {
+      const b = this.#gpu("gradProbs");
+      const { plan, payload } = Saved.take<TopkPlan>(saved, "topk", b.name);
+      checkGrad("gradProbs", gradProbs, plan.shape, plan.dtype);
+      if (options.gradLogitsOut !== undefined) {
+        throw new TypeError(`gradLogitsOut applies to host gradProbs; with a GpuTensor the result is a new GpuTensor`);
+      }
+      return { buffer: await b.topkBackwardGpu(plan, payload, gradProbs), shape: [...plan.shape], dtype: plan.dtype };
+    }
     const b = this.#use(0, savedBackend(saved));
     const { plan, payload } = Saved.take<TopkPlan>(saved, "topk", b.name);
     checkGrad("gradProbs", gradProbs, plan.shape, plan.dtype);

@@ -80,7 +80,14 @@ function rng(seed: number): () => number {
 const iters = Number(arg("--iters") ?? 50);
 const backend = await WebGpuBackend.create({ profile: true });
 const device = backend.device;
-console.log(`adapter: ${backend.adapterDescription || "(given device)"}`);
+{
+  const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+  const info = adapter?.info;
+  console.log(
+    `card: ${info?.description || info?.device || "?"} (vendor ${info?.vendor}, architecture ${info?.architecture}); ` +
+      `subgroups feature: ${adapter?.features.has("subgroups")}; backend adapter: ${backend.adapterDescription}`,
+  );
+}
 
 function toGpu(data: Float32Array<ArrayBuffer>, shape: number[]): GpuTensor<"float32"> {
   const buffer = device.createBuffer({

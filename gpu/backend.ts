@@ -32,12 +32,13 @@ import { foldGrid, packUniforms, uniformBytes, type UniformValues } from "./_sha
 import {
   backwardKernel,
   type BackwardKey,
-  backwardKey,
   DT_CODE,
   FMT_CODE,
   forwardKernel,
   type ForwardKey,
-  forwardKey,
+  RADIX_MAX_DENSE_K,
+  type RowLayout,
+  rowLayout,
   WG,
 } from "./_topk_kernels.ts";
 
@@ -170,6 +171,13 @@ function newRoute(route: RouteFormat, n: number): Uint8Array | IndexArray {
 function loPasses(E: number): number {
   const bits = Math.max(1, 32 - Math.clz32(Math.max(0, E - 1)));
   return Math.ceil(bits / 8);
+}
+
+/** The expert bias on the device: its buffer and dtype, and whether it came from the pool. */
+interface BiasBuffer {
+  buffer: GPUBuffer;
+  dtype: FloatDType;
+  pooled: boolean;
 }
 
 /** A region of a buffer bound to a kernel. */
@@ -333,6 +341,11 @@ export class WebGpuBackend implements Backend {
     return rows;
   }
 
+  // rows one dispatch of a row layout can cover within the grid limits
+  #gridRows(layout: RowLayout): number {
+    return layout.rpw * this.#maxGrid * this.#maxGrid;
+  }
+
   #checkBufferSize(bytes: number, what: string): void {
     if (bytes > this.device.limits.maxBufferSize) {
       throw new RangeError(
@@ -371,6 +384,35 @@ export class WebGpuBackend implements Backend {
    */
   async #submit(dispatches: Dispatch[], readbacks: Readback[]): Promise<Uint8Array[]> {
     if (this.#disposed) throw new Error(`this WebGPU backend was disposed`);
+    // WebGPU validation errors (a caller buffer of another device, a
+    // destroyed buffer) become exceptions of this call, not console noise
+    this.device.pushErrorScope("validation");
+    let read: GPUBuffer | null = null;
+    let failure: unknown = null;
+    try {
+      read = this.#encode(dispatches, readbacks);
+    } catch (e) {
+      failure = e;
+    }
+    const error = await this.device.popErrorScope();
+    if (failure !== null) throw failure;
+    if (error !== null) throw new Error(`webgpu: the router's commands were refused: ${error.message}`);
+    if (read === null) return [];
+    await read.mapAsync(GPUMapMode.READ);
+    const mapped = read.getMappedRange();
+    let at = 0;
+    const out = readbacks.map((r) => {
+      const bytes = new Uint8Array(mapped.slice(at, at + r.bytes));
+      at += Math.ceil(align4(r.bytes) / 256) * 256;
+      return bytes;
+    });
+    read.unmap();
+    this.#pool.release(read);
+    return out;
+  }
+
+  // Encodes and submits the dispatches and the copies into the readback buffer (returned, or null).
+  #encode(dispatches: Dispatch[], readbacks: Readback[]): GPUBuffer | null {
     const device = this.device;
     const ubuf = this.#pool.acquire(Math.max(1, dispatches.length) * UNIFORM_STRIDE, USAGE.uniform, "uniforms");
     const ubytes = new ArrayBuffer(Math.max(1, dispatches.length) * UNIFORM_STRIDE);
@@ -425,30 +467,31 @@ export class WebGpuBackend implements Backend {
     device.queue.submit([encoder.finish()]);
     if (p) p.pending = true;
     this.#pool.release(ubuf);
-    if (read === null) return [];
-    await read.mapAsync(GPUMapMode.READ);
-    const mapped = read.getMappedRange();
-    const out = readbacks.map((r, i) => new Uint8Array(mapped.slice(offsets[i]!, offsets[i]! + r.bytes)));
-    read.unmap();
-    this.#pool.release(read);
-    return out;
+    return read;
   }
 
   // ---- top-k forward --------------------------------------------------------------
 
-  #forwardKey(plan: TopkPlan | AuxScoresPlan, op: "topk" | "aux"): ForwardKey {
+  // The pipeline key and row layout of a forward call (plan errors surface here, before GPU work).
+  #forwardKey(plan: TopkPlan | AuxScoresPlan, op: "topk" | "aux"): { key: ForwardKey; layout: RowLayout } {
     const t = plan as Partial<TopkPlan>;
-    return forwardKey({
+    const grouped = (t.groupTopk ?? 0) > 0;
+    // radix when K >= threshold, as on the CPU; the two give the same set and
+    // order, so naive stands in where the radix ranking of dense output would not fit
+    const dense = plan.route !== "bytemap" && plan.route !== "bitmap_u8";
+    const radix = plan.K >= plan.radixThreshold && !(dense && plan.K > RADIX_MAX_DENSE_K);
+    const layout = rowLayout({ E: plan.E, G: t.numGroups ?? 0, grouped, radix });
+    const key: ForwardKey = {
+      kernel: "forward",
       op,
       score: plan.score,
-      pre: t.pre ?? false,
-      dtype: plan.dtype,
-      E: plan.E,
-      K: plan.K,
-      G: t.numGroups ?? 0,
-      grouped: (t.groupTopk ?? 0) > 0,
-      radixThreshold: plan.radixThreshold,
-    }, this.device.limits.maxComputeWorkgroupStorageSize);
+      pre: op === "topk" && (t.pre ?? false),
+      radix,
+      grouped,
+      shared: sharesWords(plan.dtype, plan.E, plan.route, plan.K),
+      scr: layout.scr,
+    };
+    return { key, layout };
   }
 
   // The dispatches of a forward over n rows held in the given buffers.
@@ -456,19 +499,18 @@ export class WebGpuBackend implements Backend {
     plan: TopkPlan | AuxScoresPlan,
     op: "topk" | "aux",
     n: number,
-    bufs: { logits: GPUBuffer; probs: GPUBuffer; inter: GPUBuffer; route: GPUBuffer; bias: GPUBuffer | null },
+    bufs: { logits: GPUBuffer; probs: GPUBuffer; inter: GPUBuffer; route: GPUBuffer; bias: BiasBuffer | null },
   ): Dispatch[] {
     const { E, K, dtype, route } = plan;
-    const key = this.#forwardKey(plan, op);
+    const { key, layout } = this.#forwardKey(plan, op);
     const compiled = pipelineFor(this.device, key, forwardKernel);
     const inB = BYTES_OF[dtype];
     const outB = op === "aux" ? 4 : inB;
     const rB = routeRowBytes(route, E, K);
-    const rows = this.#rowsPerDispatch(n, [E * inB, E * outB, E * 4, rB], "webgpu forward");
+    const rows = this.#rowsPerDispatch(n, [E * inB, E * outB, E * 4, rB], "webgpu forward", 1, this.#gridRows(layout));
     const t = plan as Partial<TopkPlan>;
     const G = t.numGroups ?? 0;
     const GK = t.groupTopk ?? 0;
-    const rpw = WG / key.tpr;
     const out: Dispatch[] = [];
     for (let t0 = 0; t0 < n; t0 += rows) {
       const m = Math.min(rows, n - t0);
@@ -479,12 +521,17 @@ export class WebGpuBackend implements Backend {
         region(bufs.inter, E * 4),
         region(bufs.route, rB),
       ];
-      bindings.push(bufs.bias ? { buffer: bufs.bias, offset: 0, size: align4(E * 4) } : this.#dummy());
+      bindings.push(
+        bufs.bias
+          ? { buffer: bufs.bias.buffer, offset: 0, size: align4(E * BYTES_OF[bufs.bias.dtype]) }
+          : this.#dummy(),
+      );
       out.push({
         compiled,
-        workgroups: Math.ceil(m / rpw),
+        workgroups: Math.ceil(m / layout.rpw),
         bindings,
         uniforms: {
+          ...rowUniforms(layout),
           T: m,
           E,
           K,
@@ -498,6 +545,7 @@ export class WebGpuBackend implements Backend {
           dt: DT_CODE[dtype],
           fmt: FMT_CODE[route],
           hasBias: bufs.bias ? 1 : 0,
+          biasDt: DT_CODE[bufs.bias?.dtype ?? "float32"],
         },
       });
     }
@@ -514,7 +562,7 @@ export class WebGpuBackend implements Backend {
     const routeOut: Uint8Array | IndexArray = plan.indicesOut ?? newRoute(route, T * routeElems);
     this.#forwardKey(plan, "topk"); // plan errors before any GPU work
     const perRound = this.#rowsPerRound(T, [2 * E * inB, 2 * E * inB, 8 * E, 2 * rB], "fusedTopkWithScoreFunction");
-    const bias = plan.bias ? this.#upload(plan.bias, 0, E, "bias") : null;
+    const bias = this.#bias(plan);
     for (let r0 = 0; r0 < T; r0 += perRound) {
       const n = Math.min(perRound, T - r0);
       const logitsBuf = this.#upload(logits.data, r0 * E, n * E, "logits");
@@ -538,7 +586,7 @@ export class WebGpuBackend implements Backend {
       bytesOf(routeOut).set(r!, r0 * rB);
       this.#pool.release(logitsBuf, probsBuf, interBuf, routeBuf);
     }
-    if (bias) this.#pool.release(bias);
+    if (bias?.pooled) this.#pool.release(bias.buffer);
     // the saved state keeps its own copy of dense indices: callers often reuse their buffer
     const saved = route === "bytemap" || route === "bitmap_u8" ? routeOut : routeOut.slice();
     const payload: HostPayload = { intermediate, route: saved };
@@ -558,7 +606,7 @@ export class WebGpuBackend implements Backend {
     const probs = this.#output(align4(T * E * inB), "probs");
     const intermediate = this.#output(T * E * 4, "intermediate");
     const routeBuf = this.#output(align4(T * rB), "route");
-    const bias = plan.bias ? this.#upload(plan.bias, 0, E, "bias") : null;
+    const bias = this.#bias(plan);
     await this.#submit(
       this.#forwardDispatches(plan, "topk", T, {
         logits: logits.buffer,
@@ -569,8 +617,15 @@ export class WebGpuBackend implements Backend {
       }),
       [],
     );
-    if (bias) this.#pool.release(bias);
+    if (bias?.pooled) this.#pool.release(bias.buffer);
     return { probs, intermediate, route: routeBuf, payload: { gpu: true, intermediate, route: routeBuf } };
+  }
+
+  // the expert bias: the caller's GPU buffer, or the host bias uploaded (pooled)
+  #bias(plan: TopkPlan): BiasBuffer | null {
+    if (plan.biasGpu !== null) return { buffer: plan.biasGpu.buffer, dtype: plan.biasGpu.dtype, pooled: false };
+    if (plan.bias === null) return null;
+    return { buffer: this.#upload(plan.bias, 0, plan.E, "bias"), dtype: "float32", pooled: true };
   }
 
   // a small buffer bound where a kernel variant reads nothing
@@ -603,13 +658,20 @@ export class WebGpuBackend implements Backend {
   ): Dispatch[] {
     const { E, K, dtype } = plan;
     const route: RouteFormat = op === "aux" ? "bytemap" : plan.route;
-    const key: BackwardKey = backwardKey({ op, score: plan.score, pre: plan.pre, dtype, E });
+    const layout = rowLayout({ E, G: 0, grouped: false, radix: false, backward: true });
+    const key: BackwardKey = {
+      kernel: "backward",
+      op,
+      score: plan.score,
+      pre: op === "topk" && plan.pre,
+      shared: dtype !== "float32" && E % 2 === 1,
+      scr: layout.scr,
+    };
     const compiled = pipelineFor(this.device, key, backwardKernel);
     const outB = BYTES_OF[dtype];
     const gB = op === "aux" ? 4 : outB;
     const rB = op === "aux" ? 0 : routeRowBytes(route, E, K);
-    const rows = this.#rowsPerDispatch(n, [E * gB, E * 4, rB, E * outB], "webgpu backward");
-    const rpw = WG / key.tpr;
+    const rows = this.#rowsPerDispatch(n, [E * gB, E * 4, rB, E * outB], "webgpu backward", 1, this.#gridRows(layout));
     const out: Dispatch[] = [];
     for (let t0 = 0; t0 < n; t0 += rows) {
       const m = Math.min(rows, n - t0);
@@ -620,7 +682,7 @@ export class WebGpuBackend implements Backend {
       });
       out.push({
         compiled,
-        workgroups: Math.ceil(m / rpw),
+        workgroups: Math.ceil(m / layout.rpw),
         bindings: [
           region(bufs.grad, E * gB),
           region(bufs.inter, E * 4),
@@ -628,6 +690,7 @@ export class WebGpuBackend implements Backend {
           region(bufs.out, E * outB),
         ],
         uniforms: {
+          ...rowUniforms(layout),
           T: m,
           E,
           K,
@@ -641,6 +704,7 @@ export class WebGpuBackend implements Backend {
           dt: DT_CODE[dtype],
           fmt: FMT_CODE[route],
           hasBias: 0,
+          biasDt: 0,
         },
       });
     }
@@ -859,6 +923,21 @@ export class WebGpuBackend implements Backend {
     bytesOf(out).set(bytes!);
     return out;
   }
+}
+
+// Whether a forward's outputs have words that neighbouring rows (or lanes)
+// share: 16-bit rows of odd length, routing-map rows not a multiple of 4
+// bytes, int16 indices (positions written by different lanes).
+function sharesWords(dtype: FloatDType, E: number, route: RouteFormat, K: number): boolean {
+  if (dtype !== "float32" && E % 2 === 1) return true;
+  if (route === "bytemap") return E % 4 !== 0;
+  if (route === "bitmap_u8") return Math.ceil(E / 8) % 4 !== 0;
+  return route === "int16";
+}
+
+// the uniforms of a row layout
+function rowUniforms(l: RowLayout): UniformValues {
+  return { tpr: l.tpr, mw: l.mw, cached: l.cached, oMask: l.oMask, oG: l.oG, oW: l.oW };
 }
 
 function bytesOf(a: ArrayBufferView): Uint8Array {

@@ -68,7 +68,7 @@ function assertNoFailures(report: FuzzReport, what: string, replay: string): voi
 
 // The WebGPU kernels are being rewritten (gpu/); the committed ones give NaN
 // gradients to unchosen experts with non-finite logits. Flip once they land.
-const GPU_REWRITE_PENDING = true;
+const GPU_REWRITE_PENDING = false;
 
 Deno.test("the wasm backend agrees with the reference on random shapes, options, layouts and hostile data", async () => {
   console.log(`FUZZ_SEED=${SEED} (${WASM_RUNS} cases, T*E <= ${LIMITS.maxElements})`);

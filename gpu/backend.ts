@@ -488,7 +488,7 @@ export class WebGpuBackend implements Backend {
       pre: op === "topk" && (t.pre ?? false),
       radix,
       grouped,
-      shared: sharesWords(plan.dtype, plan.E, plan.route, plan.K),
+      shared: sharesWords(plan.dtype, plan.E, plan.route),
       scr: layout.scr,
     };
     return { key, layout };
@@ -928,7 +928,7 @@ export class WebGpuBackend implements Backend {
 // Whether a forward's outputs have words that neighbouring rows (or lanes)
 // share: 16-bit rows of odd length, routing-map rows not a multiple of 4
 // bytes, int16 indices (positions written by different lanes).
-function sharesWords(dtype: FloatDType, E: number, route: RouteFormat, K: number): boolean {
+function sharesWords(dtype: FloatDType, E: number, route: RouteFormat): boolean {
   if (dtype !== "float32" && E % 2 === 1) return true;
   if (route === "bytemap") return E % 4 !== 0;
   if (route === "bitmap_u8") return Math.ceil(E / 8) % 4 !== 0;

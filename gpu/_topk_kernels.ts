@@ -201,7 +201,7 @@ fn rowMax(v: f32, li: u32, lane: u32) -> f32 {
 
 // the selection score a key stands for (-0 comes back as +0, NaN as NaN)
 fn floatOfKey(k: u32) -> f32 {
-  if (k == KEY_NAN) { return bitcast<f32>(0x7fc00000u); }
+  if (k == KEY_NAN) { var nan = 0x7fc00000u; return bitcast<f32>(nan); } // a var: Chrome refuses NaN constants
   return bitcast<f32>(select(~k, k ^ 0x80000000u, (k & 0x80000000u) != 0u));
 }
 

@@ -21,6 +21,18 @@ import { ARRAY_OF, BYTES_OF, checkShape, describe, sizeOf } from "./tensor.ts";
 /** Routing output of a forward call: a map layout or a dense index dtype. */
 export type RouteFormat = RoutingMapFormat | IndexDType;
 
+/** Bytes of one token's routing output: a map row, or K dense indices. */
+export function routeRowBytes(route: RouteFormat, E: number, K: number): number {
+  switch (route) {
+    case "bytemap":
+      return E;
+    case "bitmap_u8":
+      return Math.ceil(E / 8);
+    default:
+      return K * BYTES_OF[route];
+  }
+}
+
 /** Everything a backend needs for a top-k forward or backward call. */
 export interface TopkPlan {
   readonly shape: readonly number[];

@@ -22,7 +22,7 @@
  * @module
  */
 import type { AuxScoresForwardOut, Backend, TopkForwardOut } from "../_backend.ts";
-import type { AuxLossPlan, AuxScoresPlan, RouteFormat, TopkPlan } from "../_validate.ts";
+import { type AuxLossPlan, type AuxScoresPlan, type RouteFormat, routeRowBytes, type TopkPlan } from "../_validate.ts";
 import type { FloatDType, FloatTensor, GpuTensor, IndexArray, Tensor } from "../_types.ts";
 import { ARRAY_OF, BYTES_OF } from "../tensor.ts";
 import { auxLossKernel, type AuxLossKey } from "./_aux_loss_kernels.ts";
@@ -145,17 +145,6 @@ function align4(n: number): number {
 function gcd(a: number, b: number): number {
   while (b) [a, b] = [b, a % b];
   return a;
-}
-
-function routeRowBytes(route: RouteFormat, E: number, K: number): number {
-  switch (route) {
-    case "bytemap":
-      return E;
-    case "bitmap_u8":
-      return Math.ceil(E / 8);
-    default:
-      return K * BYTES_OF[route];
-  }
 }
 
 function newFloat(dtype: FloatDType, n: number): FloatTensor["data"] {

@@ -11,7 +11,7 @@
 // value) rows that the host scatters into fresh zeroed arrays, instead of
 // copying dense rows out of the module.
 import type { AuxScoresForwardOut, Backend, TopkForwardOut } from "../_backend.ts";
-import type { AuxLossPlan, AuxScoresPlan, RouteFormat, TopkPlan } from "../_validate.ts";
+import { type AuxLossPlan, type AuxScoresPlan, type RouteFormat, routeRowBytes, type TopkPlan } from "../_validate.ts";
 import type { FloatDType, FloatTensor, IndexArray, RoutingMapFormat, Tensor } from "../_types.ts";
 import { ARRAY_OF, BYTES_OF } from "../tensor.ts";
 import { ROUTER_WASM_BASE64, ROUTER_WASM_SHARED_BASE64, SHARED_MAX_PAGES } from "./_router_wasm.ts";
@@ -76,17 +76,6 @@ export async function instantiateKernels(): Promise<Kernels> {
 
 function align16(n: number): number {
   return Math.ceil(n / 16) * 16;
-}
-
-function routeRowBytes(route: RouteFormat, E: number, K: number): number {
-  switch (route) {
-    case "bytemap":
-      return E;
-    case "bitmap_u8":
-      return Math.ceil(E / 8);
-    default:
-      return K * BYTES_OF[route];
-  }
 }
 
 function isMap(route: RouteFormat): route is RoutingMapFormat {

@@ -1,8 +1,9 @@
 /**
  * CPU benchmark: the WebAssembly backend against the plain TypeScript
  * reference (tests/reference.ts), forward and backward, on three router
- * shapes. Run with `deno task bench`; each group prints the speed-up of the
- * WebAssembly kernels over the reference measured in the same run.
+ * shapes, with fresh output arrays per call and with caller buffers reused
+ * across calls. Run with `deno task bench`; each group prints the speed-up of
+ * the WebAssembly kernels over the reference measured in the same run.
  *
  * @module
  */
@@ -50,6 +51,13 @@ for (const c of CASES) {
   const ref: RefTopkOptions = { ...c.options, expertBias: c.options.expertBias?.data as Float32Array | undefined };
   const saved = (await router.fusedTopkWithScoreFunction(logits, c.options)).saved;
   const refForward = refTopkForward(logits.data, c.tokens, c.experts, ref);
+  // caller buffers, reused across calls: no fresh output arrays to allocate and first-touch
+  const outs = {
+    probsOut: new Float32Array(n),
+    intermediateOut: new Float32Array(n),
+    routingMapOut: new Uint8Array(n),
+  };
+  const gradLogitsOut = new Float32Array(n);
 
   Deno.bench({
     name: "plain TypeScript reference",
@@ -71,6 +79,15 @@ for (const c of CASES) {
     },
   });
   Deno.bench({
+    name: "WebAssembly SIMD, caller buffers",
+    group: `${c.name}: forward`,
+    n: 30,
+    warmup: 10,
+    fn: async () => {
+      await router.fusedTopkWithScoreFunction(logits, { ...c.options, ...outs });
+    },
+  });
+  Deno.bench({
     name: "plain TypeScript reference",
     group: `${c.name}: backward`,
     baseline: true,
@@ -87,6 +104,15 @@ for (const c of CASES) {
     warmup: 10,
     fn: async () => {
       await router.fusedTopkWithScoreFunctionBackward(saved, grad);
+    },
+  });
+  Deno.bench({
+    name: "WebAssembly SIMD, caller buffers",
+    group: `${c.name}: backward`,
+    n: 30,
+    warmup: 10,
+    fn: async () => {
+      await router.fusedTopkWithScoreFunctionBackward(saved, grad, { gradLogitsOut });
     },
   });
 }

@@ -214,12 +214,18 @@ class BoundRouter implements Router, GpuResidentOps {
     if (this.#backend === null) throw new Error(`this router was disposed; create a new one with createRouter()`);
     const big = this.#big;
     if (big === null) return this.#backend;
-    const useBig = savedBackend !== undefined ? savedBackend === big.backend.name : elements >= big.minElements;
+    // a lost GPU device: auto goes on with WebAssembly (a GPU saved state still fails, saying why)
+    const lost = big.backend instanceof WebGpuBackend ? big.backend.lost : null;
+    const useBig = savedBackend !== undefined
+      ? savedBackend === big.backend.name
+      : lost === null && elements >= big.minElements;
     const b = useBig ? big.backend : this.#backend;
     this.lastChoice = {
       backend: b.name,
       reason: savedBackend !== undefined
         ? `backward runs where its forward ran (${b.name})`
+        : lost !== null
+        ? `the GPU device was lost (${lost}): WebAssembly`
         : `${elements} logits ${useBig ? ">=" : "<"} ${big.minElements}: ${
           useBig ? "the transfer and submission pay off" : "below the GPU round trip's cost"
         }`,

@@ -207,6 +207,8 @@ export class WebGpuBackend implements Backend {
   #maxGrid: number;
   #align: number;
   #disposed = false;
+  /** Why the device was lost, once it is: every later call is refused with it. */
+  #lost: string | null = null;
   #profile: { query: GPUQuerySet; resolve: GPUBuffer; read: GPUBuffer; pending: boolean } | null = null;
   #lastGpuNs: number | null = null;
   #repeat = 1;
@@ -216,6 +218,9 @@ export class WebGpuBackend implements Backend {
     this.#ownsDevice = owns;
     this.adapterDescription = description;
     this.#pool = new BufferPool(device);
+    device.lost.then((info) => {
+      this.#lost = `${info.reason}${info.message ? `: ${info.message}` : ""}`;
+    });
     const lim = device.limits;
     this.#maxBinding = Math.min(
       lim.maxStorageBufferBindingSize,
@@ -288,6 +293,20 @@ export class WebGpuBackend implements Backend {
     p.pending = false;
     this.#lastGpuNs = Number((t[1] as bigint) - (t[0] as bigint));
     return this.#lastGpuNs;
+  }
+
+  /** Why the device was lost ("destroyed: ..."), or null while it works. */
+  get lost(): string | null {
+    return this.#lost;
+  }
+
+  // Refuses work on a disposed backend or a lost device (checked again after
+  // every wait, since either can happen while a call is in flight).
+  #usable(): void {
+    if (this.#disposed) throw new Error(`this router was disposed; create a new one with createRouter()`);
+    if (this.#lost !== null) {
+      throw new Error(`webgpu: the GPU device was lost (${this.#lost}); create a new router with createRouter()`);
+    }
   }
 
   dispose(): void {
@@ -376,7 +395,7 @@ export class WebGpuBackend implements Backend {
    * something to read. Returns the bytes read, region by region.
    */
   async #submit(dispatches: Dispatch[], readbacks: Readback[]): Promise<Uint8Array[]> {
-    if (this.#disposed) throw new Error(`this WebGPU backend was disposed`);
+    this.#usable();
     // WebGPU validation errors (a caller buffer of another device, a
     // destroyed buffer) become exceptions of this call, not console noise
     this.device.pushErrorScope("validation");
@@ -387,11 +406,19 @@ export class WebGpuBackend implements Backend {
     } catch (e) {
       failure = e;
     }
-    const error = await this.device.popErrorScope();
+    const error = await this.device.popErrorScope().catch(() => null);
+    // a loss or dispose() while the commands ran explains any failure better than the failure itself
+    this.#usable();
     if (failure !== null) throw failure;
     if (error !== null) throw new Error(`webgpu: the router's commands were refused: ${error.message}`);
     if (read === null) return [];
-    await read.mapAsync(GPUMapMode.READ);
+    try {
+      await read.mapAsync(GPUMapMode.READ);
+    } catch (e) {
+      this.#usable();
+      throw e;
+    }
+    this.#usable();
     const mapped = read.getMappedRange();
     let at = 0;
     const out = readbacks.map((r) => {

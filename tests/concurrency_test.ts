@@ -221,10 +221,10 @@ Deno.test({
 
 // Pending in gpu/backend.ts: calls in flight at dispose() reject with raw WebGPU errors ("Buffer with
 // 'moe-router readback' label has been destroyed") instead of the backend's "disposed" error.
-const GPU_DISPOSE_PENDING = true;
+const GPU_DISPOSE_PENDING = false;
 // Pending in gpu/backend.ts: no device.lost handling; calls after a loss reject with "validation error
 // occurred" instead of an error that names the lost device.
-const GPU_DEVICE_LOSS_PENDING = true;
+const GPU_DEVICE_LOSS_PENDING = false;
 
 Deno.test({
   name: "webgpu: dispose() while calls are in flight settles every call and refuses later ones",

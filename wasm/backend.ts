@@ -60,12 +60,24 @@ const compiled: Record<"local" | "shared", Promise<WebAssembly.Module> | undefin
 /** Compiles an embedded variant once per process (asynchronously: browsers refuse big synchronous compiles). */
 function compile(variant: "local" | "shared"): Promise<WebAssembly.Module> {
   compiled[variant] ??= (() => {
-    const bin = atob(variant === "local" ? ROUTER_WASM_BASE64 : ROUTER_WASM_SHARED_BASE64);
-    const bytes = new Uint8Array(bin.length);
-    for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
-    return WebAssembly.compile(bytes);
+    return WebAssembly.compile(decodeBase64(variant === "local" ? ROUTER_WASM_BASE64 : ROUTER_WASM_SHARED_BASE64));
   })();
   return compiled[variant];
+}
+
+// Uint8Array.fromBase64 where the runtime has it (Deno, current browsers),
+// Node's Buffer, else atob: start-up time matters in edge functions.
+function decodeBase64(b64: string): Uint8Array<ArrayBuffer> {
+  const g = globalThis as {
+    Buffer?: { from(s: string, enc: string): Uint8Array<ArrayBuffer> };
+  };
+  const U8 = Uint8Array as unknown as { fromBase64?(s: string): Uint8Array<ArrayBuffer> };
+  if (typeof U8.fromBase64 === "function") return U8.fromBase64(b64);
+  if (g.Buffer !== undefined) return new Uint8Array(g.Buffer.from(b64, "base64"));
+  const bin = atob(b64);
+  const bytes = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+  return bytes;
 }
 
 /** Instantiates the one-thread kernels (own memory). */

@@ -201,9 +201,9 @@ globalThis.addEventListener("unload", () => gpuRouter?.dispose());
 
 const GPU_CALLS = (() => {
   try {
-    return Number(Deno.env.get("MOE_ROUTER_GPU_CONCURRENT") ?? "") || 300;
+    return Number(Deno.env.get("MOE_ROUTER_GPU_CONCURRENT") ?? "") || 1000;
   } catch {
-    return 300;
+    return 1000;
   }
 })();
 

@@ -10,6 +10,7 @@
 import { WebGpuBackend } from "../gpu/backend.ts";
 import { planTopk } from "../_validate.ts";
 import type { FloatTensor, GpuTensor, TopkOptions } from "../_types.ts";
+import { mulberry32 } from "../tests/_generators.ts";
 
 interface Case {
   name: string;
@@ -66,17 +67,6 @@ function median(xs: number[]): number {
   return s[Math.floor(s.length / 2)] ?? NaN;
 }
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 const iters = Number(arg("--iters") ?? 50);
 const backend = await WebGpuBackend.create({ profile: true });
 const device = backend.device;
@@ -100,7 +90,7 @@ function toGpu(data: Float32Array<ArrayBuffer>, shape: number[]): GpuTensor<"flo
 
 const results: Record<string, Record<string, number>> = {};
 for (const c of CASES) {
-  const r = rng(7);
+  const r = mulberry32(7);
   const x = Float32Array.from({ length: c.T * c.E }, () => 2 * (r() - 0.5) * 3);
   const g = Float32Array.from({ length: c.T * c.E }, () => r() - 0.5);
   const host: FloatTensor = { data: x, shape: [c.T, c.E], dtype: "float32" };

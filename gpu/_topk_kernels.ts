@@ -154,6 +154,28 @@ export function rowLayout(
   );
 }
 
+// A reduction of v over the lanes of a team (tpr threads of one row) through
+// the workgroup array `buf`, combining with `op`: up to 32 lanes each thread
+// combines the team's values in lane order (a fixed order, so sums are the
+// same on every lane); beyond, a tree. Barriers stay in uniform control flow.
+function teamReduce(name: string, type: string, buf: string, op: (a: string, b: string) => string): string {
+  return `fn ${name}(v: ${type}, li: u32, lane: u32) -> ${type} {
+  workgroupBarrier();
+  ${buf}[li] = v;
+  workgroupBarrier();
+  if (P.tpr <= 32u) {
+    var acc = ${buf}[li - lane];
+    for (var i = 1u; i < P.tpr; i = i + 1u) { acc = ${op("acc", `${buf}[li - lane + i]`)}; }
+    return acc;
+  }
+  for (var s = P.tpr / 2u; s > 0u; s = s >> 1u) {
+    if (lane < s) { ${buf}[li] = ${op(`${buf}[li]`, `${buf}[li + s]`)}; }
+    workgroupBarrier();
+  }
+  return ${buf}[li - lane];
+}`;
+}
+
 // Row helpers common to the per-token kernels: team reductions, scratch access.
 const ROW_WGSL = /* wgsl */ `
 const NONE: u32 = 0xffffffffu;
@@ -166,38 +188,9 @@ fn maskBit(mo: u32, e: u32) -> bool { return ((sget(mo + (e >> 5u)) >> (e & 31u)
 
 // sum of v over the lanes of a team, in a fixed order: up to 32 lanes each
 // thread adds the team's values in lane order; beyond, a tree
-fn rowSum(v: f32, li: u32, lane: u32) -> f32 {
-  workgroupBarrier();
-  red[li] = v;
-  workgroupBarrier();
-  if (P.tpr <= 32u) {
-    var acc = red[li - lane];
-    for (var i = 1u; i < P.tpr; i = i + 1u) { acc = acc + red[li - lane + i]; }
-    return acc;
-  }
-  for (var s = P.tpr / 2u; s > 0u; s = s >> 1u) {
-    if (lane < s) { red[li] = red[li] + red[li + s]; }
-    workgroupBarrier();
-  }
-  return red[li - lane];
-}
-
+${teamReduce("rowSum", "f32", "red", (a, b) => `${a} + ${b}`)}
 // max of v over the lanes of a team (same scheme)
-fn rowMax(v: f32, li: u32, lane: u32) -> f32 {
-  workgroupBarrier();
-  red[li] = v;
-  workgroupBarrier();
-  if (P.tpr <= 32u) {
-    var acc = red[li - lane];
-    for (var i = 1u; i < P.tpr; i = i + 1u) { acc = max(acc, red[li - lane + i]); }
-    return acc;
-  }
-  for (var s = P.tpr / 2u; s > 0u; s = s >> 1u) {
-    if (lane < s) { red[li] = max(red[li], red[li + s]); }
-    workgroupBarrier();
-  }
-  return red[li - lane];
-}
+${teamReduce("rowMax", "f32", "red", (a, b) => `max(${a}, ${b})`)}
 
 // the selection score a key stands for (-0 comes back as +0, NaN as NaN)
 fn floatOfKey(k: u32) -> f32 {
@@ -720,21 +713,7 @@ const SCR: u32 = ${k.scr}u;
 ${ROW_WGSL}
 var<workgroup> red2: array<vec2<f32>, WG>;
 ${outputFns("out", k.shared)}
-fn rowSum2(v: vec2<f32>, li: u32, lane: u32) -> vec2<f32> {
-  workgroupBarrier();
-  red2[li] = v;
-  workgroupBarrier();
-  if (P.tpr <= 32u) {
-    var acc = red2[li - lane];
-    for (var i = 1u; i < P.tpr; i = i + 1u) { acc = acc + red2[li - lane + i]; }
-    return acc;
-  }
-  for (var s = P.tpr / 2u; s > 0u; s = s >> 1u) {
-    if (lane < s) { red2[li] = red2[li] + red2[li + s]; }
-    workgroupBarrier();
-  }
-  return red2[li - lane];
-}
+${teamReduce("rowSum2", "vec2<f32>", "red2", (a, b) => `${a} + ${b}`)}
 
 // whether expert e of row t is in its routing output (maps read in place; dense went to the mask)
 fn chosen(t: u32, mo: u32, base: u32, e: u32) -> bool {${

@@ -25,19 +25,22 @@ const biasOf = (E: number): FloatTensor => ({
   dtype: "float32",
 });
 
+// DeepSeek-V3's router options: the dsv3 case and decode (16 tokens) share them
+const DSV3_OPTIONS: TopkOptions = {
+  topk: 8,
+  scoreFunction: "sigmoid",
+  numGroups: 8,
+  groupTopk: 4,
+  expertBias: biasOf(256),
+  scalingFactor: 2.5,
+};
+
 const CASES: Case[] = [
   {
     name: "dsv3",
     T: 8192,
     E: 256,
-    options: {
-      topk: 8,
-      scoreFunction: "sigmoid",
-      numGroups: 8,
-      groupTopk: 4,
-      expertBias: biasOf(256),
-      scalingFactor: 2.5,
-    },
+    options: DSV3_OPTIONS,
   },
   { name: "qwen3", T: 8192, E: 128, options: { topk: 8, scoreFunction: "softmax" } },
   { name: "mixtral", T: 8192, E: 8, options: { topk: 2, scoreFunction: "softmax" } },
@@ -46,14 +49,7 @@ const CASES: Case[] = [
     name: "decode",
     T: 16,
     E: 256,
-    options: {
-      topk: 8,
-      scoreFunction: "sigmoid",
-      numGroups: 8,
-      groupTopk: 4,
-      expertBias: biasOf(256),
-      scalingFactor: 2.5,
-    },
+    options: DSV3_OPTIONS,
   },
 ];
 

@@ -737,13 +737,7 @@ Deno.test("a router with a small chunkBytes cuts the batch into chunks and gives
       }
     });
     await t.step("aux loss backward", async () => {
-      const probs = f32(Float32Array.from({ length: T * E }, () => rng()), [T, E]);
-      const counts = {
-        data: Int32Array.from({ length: E }, () => Math.floor(rng() * 100)),
-        shape: [E],
-        dtype: "int32",
-      } as const;
-      const options: AuxLossOptions = { totalNumTokens: T, numExperts: E, topk: 8, coeff: 0.01 };
+      const { probs, counts, options } = auxLossInputs(rng, T, E);
       const ga = await a.fusedMoEAuxLossBackward((await a.fusedMoEAuxLoss(probs, counts, options)).saved, 0.75);
       const gb = await b.fusedMoEAuxLossBackward((await b.fusedMoEAuxLoss(probs, counts, options)).saved, 0.75);
       assertBitIdentical(gb.data, ga.data, "gradProbs");
@@ -770,6 +764,19 @@ Deno.test("a router with a small chunkBytes cuts the batch into chunks and gives
   }
 });
 
+// Random aux-loss inputs: probs [T, E], int32 tokens per expert, options.
+function auxLossInputs(rng: Rng, T: number, E: number) {
+  return {
+    probs: f32(Float32Array.from({ length: T * E }, () => rng()), [T, E]),
+    counts: {
+      data: Int32Array.from({ length: E }, () => Math.floor(rng() * 100)),
+      shape: [E],
+      dtype: "int32",
+    } as const,
+    options: { totalNumTokens: T, numExperts: E, topk: 8, coeff: 0.01 } as AuxLossOptions,
+  };
+}
+
 Deno.test("`fusedMoEAuxLoss()` gives a bit-identical loss whatever the chunk size", async () => {
   const rng = mulberry32(20);
   const T = 300;
@@ -777,13 +784,7 @@ Deno.test("`fusedMoEAuxLoss()` gives a bit-identical loss whatever the chunk siz
   const a = await createRouter({ backend: "wasm" });
   const b = await createRouter({ backend: "wasm", chunkBytes: 4096 });
   try {
-    const probs = f32(Float32Array.from({ length: T * E }, () => rng()), [T, E]);
-    const counts = {
-      data: Int32Array.from({ length: E }, () => Math.floor(rng() * 100)),
-      shape: [E],
-      dtype: "int32",
-    } as const;
-    const options: AuxLossOptions = { totalNumTokens: T, numExperts: E, topk: 8, coeff: 0.01 };
+    const { probs, counts, options } = auxLossInputs(rng, T, E);
     const la = await a.fusedMoEAuxLoss(probs, counts, options);
     const lb = await b.fusedMoEAuxLoss(probs, counts, options);
     assertBitIdentical(lb.loss.data, la.loss.data, `loss (chunked ${lb.loss.data[0]}, whole ${la.loss.data[0]})`);

@@ -64,8 +64,13 @@ function median(xs: number[]): number {
 }
 
 const iters = Number(arg("--iters") ?? 50);
+// untimed calls before each timed run of back-to-back calls: an idle H200
+// sits at 345 MHz and needs milliseconds of work to reach its 1980 MHz
+const WARMUP = Number(arg("--warmup") ?? 2000);
 const backend = await WebGpuBackend.create({ profile: true });
 const device = backend.device;
+// the general kernels on the same device: the baseline of the specialised forward
+const general = await WebGpuBackend.create({ device, profile: true, generalKernels: true });
 {
   const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
   const info = adapter?.info;
@@ -98,7 +103,7 @@ for (const c of CASES) {
   // GPU-resident, precise: REPEAT calls encoded back to back in one pass,
   // timestamps around the pass, divided by REPEAT (per-call GPU time)
   const REPEAT = 100;
-  backend.setRepeat(REPEAT);
+  backend.setRepeat(REPEAT, WARMUP);
   const fwdRep: number[] = [];
   const bwdRep: number[] = [];
   for (let i = 0; i < 4; i++) {
@@ -112,6 +117,16 @@ for (const c of CASES) {
     gout.destroy();
   }
   backend.setRepeat(1);
+  general.setRepeat(REPEAT, WARMUP);
+  const genRep: number[] = [];
+  for (let i = 0; i < 4; i++) {
+    const out = await general.topkForwardGpu(plan, xg);
+    genRep.push((await general.lastGpuTimeNs())! / REPEAT);
+    out.probs.destroy();
+    out.intermediate.destroy();
+    out.route.destroy();
+  }
+  general.setRepeat(1);
 
   // GPU-resident: GPU time (timestamps) of the last call of a burst of
   // back-to-back calls (the GPU stays busy, so its clocks are up), and the
@@ -159,6 +174,7 @@ for (const c of CASES) {
   gg.buffer.destroy();
   results[c.name] = {
     fwd_gpu_us_per_call_b2b: median(fwdRep.slice(1)) / 1000,
+    fwd_general_gpu_us_per_call_b2b: median(genRep.slice(1)) / 1000,
     bwd_gpu_us_per_call_b2b: median(bwdRep.slice(1)) / 1000,
     fwd_gpu_us: median(fwd) / 1000,
     bwd_gpu_us: median(bwd) / 1000,
@@ -172,7 +188,9 @@ for (const c of CASES) {
   console.log(
     `${c.name.padEnd(8)} T=${c.T} E=${c.E} K=${c.options.topk}: back-to-back GPU us/call fwd ${
       f.fwd_gpu_us_per_call_b2b!.toFixed(1)
-    } bwd ${f.bwd_gpu_us_per_call_b2b!.toFixed(1)}; ` +
+    } (general kernel ${f.fwd_general_gpu_us_per_call_b2b!.toFixed(1)}) bwd ${
+      f.bwd_gpu_us_per_call_b2b!.toFixed(1)
+    }; ` +
       `single pass fwd GPU ${f.fwd_gpu_us!.toFixed(1)} us (min ${f.fwd_gpu_min_us!.toFixed(1)}), ` +
       `bwd GPU ${f.bwd_gpu_us!.toFixed(1)} us (min ${f.bwd_gpu_min_us!.toFixed(1)}); wall: resident fwd ${
         f.fwd_resident_wall_ms!.toFixed(3)
@@ -182,4 +200,5 @@ for (const c of CASES) {
 }
 const out = arg("--json");
 if (out) Deno.writeTextFileSync(out, JSON.stringify({ adapter: backend.adapterDescription, results }, null, 2));
+general.dispose();
 backend.dispose();

@@ -48,9 +48,14 @@ CASES = {
 
 
 def time_cuda(fn, iters):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
+    # warm up for 0.3 s: an idle H200 runs at 345 MHz and needs sustained
+    # work to reach full clocks (bench/gpu_bench.ts warms up the same way)
+    import time
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.3:
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         a = torch.cuda.Event(enable_timing=True)

@@ -65,7 +65,7 @@ fn mlogGe1(w: f32) -> f32 {
 // log1p(u) for u >= 0: with w = 1 + u (rounded), log(w) * u / (w - 1) corrects
 // the rounding of w; where w == 1, log1p(u) = u to float32 precision.
 fn mlog1p(u: f32) -> f32 {
-  if (bitcast<u32>(u) == 0x7f800000u) { return u; }
+  if (isNan(u) || bitcast<u32>(u) == 0x7f800000u) { return u; }
   let w = u + 1.0;
   let d = w - 1.0;
   if (d == 0.0) { return u; }
@@ -77,12 +77,22 @@ fn msigmoid(x: f32) -> f32 { return 1.0 / (1.0 + mexp(-x)); }
 
 // softplus(x) = log1p(exp(x)), and exactly x above 20 (float32 identity, no overflow)
 fn msoftplus(x: f32) -> f32 {
-  if (!isNan(x) && x > SOFTPLUS_LINEAR) { return x; }
+  // NaN by its bits: the H200's compiler folds (u + 1) - 1 to u in mlog1p,
+  // which turned NaN into a large finite score
+  if (isNan(x)) { return x; }
+  if (x > SOFTPLUS_LINEAR) { return x; }
   return mlog1p(mexp(x));
 }
 
-// sqrtsoftplus(x) = sqrt(softplus(x))
-fn msqrtsoftplus(x: f32) -> f32 { return sqrt(msoftplus(x)); }
+// sqrtsoftplus(x) = sqrt(softplus(x)); 0 and +inf are passed through: GPUs
+// may compute sqrt(v) as v * inversesqrt(v), which is NaN for both (the
+// H200 ranked +inf logits as NaN before this)
+fn msqrtsoftplus(x: f32) -> f32 {
+  let sp = msoftplus(x);
+  let bits = bitcast<u32>(sp);
+  if (bits == 0u || bits == 0x7f800000u) { return sp; }
+  return sqrt(sp);
+}
 
 // Order-preserving u32 image of a selection score: NaN -> KEY_NAN (below every
 // number, -inf included), -0 -> the key of +0 (equal values, equal keys).
@@ -92,6 +102,12 @@ fn keyOf(r: f32) -> u32 {
   if (b == 0x80000000u) { b = 0u; }
   if ((b >> 31u) != 0u) { return ~b; }
   return b | 0x80000000u;
+}
+
+// the selection score a key stands for (-0 comes back as +0, NaN as NaN)
+fn floatOfKey(k: u32) -> f32 {
+  if (k == KEY_NAN) { var nan = 0x7fc00000u; return bitcast<f32>(nan); } // a var: Chrome refuses NaN constants
+  return bitcast<f32>(select(~k, k ^ 0x80000000u, (k & 0x80000000u) != 0u));
 }
 
 // float16 bits -> f32 (exact, subnormals included)

@@ -192,11 +192,6 @@ ${teamReduce("rowSum", "f32", "red", (a, b) => `${a} + ${b}`)}
 // max of v over the lanes of a team (same scheme)
 ${teamReduce("rowMax", "f32", "red", (a, b) => `max(${a}, ${b})`)}
 
-// the selection score a key stands for (-0 comes back as +0, NaN as NaN)
-fn floatOfKey(k: u32) -> f32 {
-  if (k == KEY_NAN) { var nan = 0x7fc00000u; return bitcast<f32>(nan); } // a var: Chrome refuses NaN constants
-  return bitcast<f32>(select(~k, k ^ 0x80000000u, (k & 0x80000000u) != 0u));
-}
 
 // the float of element i of an input of dtype P.dt held as u32 words
 fn widen(w: u32, i: u32) -> f32 {

@@ -28,6 +28,16 @@ import { ARRAY_OF, BYTES_OF } from "../tensor.ts";
 import { auxLossKernel, type AuxLossKey } from "./_aux_loss_kernels.ts";
 import { type Compiled, pipelineFor } from "./_pipelines.ts";
 import { BufferPool } from "./_pool.ts";
+import {
+  fastBackwardKernel,
+  type FastBackwardKey,
+  fastBackwardKey,
+  fastBackwardRowsPerWorkgroup,
+  fastForwardKernel,
+  type FastForwardKey,
+  fastForwardKey,
+  fastRowsPerWorkgroup,
+} from "./_fast_kernels.ts";
 import { foldGrid, packUniforms, uniformBytes, type UniformValues } from "./_shader.ts";
 import {
   backwardKernel,
@@ -54,6 +64,8 @@ export interface WebGpuBackendOptions {
   maxWorkgroupsPerDimension?: number;
   /** Record GPU time of each submission with timestamp queries (see {@linkcode WebGpuBackend.lastGpuTimeNs}). */
   profile?: boolean;
+  /** Run the general kernels even where a specialised one exists (tests and benchmarks compare the two). */
+  generalKernels?: boolean;
 }
 
 /** Outputs of a GPU-resident top-k forward. */
@@ -212,12 +224,15 @@ export class WebGpuBackend implements Backend {
   #profile: { query: GPUQuerySet; resolve: GPUBuffer; read: GPUBuffer; pending: boolean } | null = null;
   #lastGpuNs: number | null = null;
   #repeat = 1;
+  #warmup = 0;
+  #general: boolean;
 
   private constructor(device: GPUDevice, owns: boolean, description: string, options: WebGpuBackendOptions) {
     this.device = device;
     this.#ownsDevice = owns;
     this.adapterDescription = description;
     this.#pool = new BufferPool(device);
+    this.#general = options.generalKernels ?? false;
     device.lost.then((info) => {
       this.#lost = `${info.reason}${info.message ? `: ${info.message}` : ""}`;
     });
@@ -278,9 +293,13 @@ export class WebGpuBackend implements Backend {
    * Benchmark hook: every later submission encodes its dispatches `n` times
    * in its one compute pass (outputs are rewritten with the same values), so
    * that timestamps around the pass give n back-to-back calls' GPU time.
+   * With `warmup`, an untimed pass of that many more calls goes first: an
+   * idle GPU runs at a fraction of its clock and takes milliseconds of work
+   * to reach full speed.
    */
-  setRepeat(n: number): void {
+  setRepeat(n: number, warmup = 0): void {
     this.#repeat = Math.max(1, Math.floor(n));
+    this.#warmup = Math.max(0, Math.floor(warmup));
   }
 
   /** GPU time of the last submission's compute pass in nanoseconds (profile: true), or null. */
@@ -456,6 +475,17 @@ export class WebGpuBackend implements Backend {
     device.queue.writeBuffer(ubuf, 0, ubytes);
     const encoder = device.createCommandEncoder({ label: "moe-router" });
     const p = this.#profile;
+    if (this.#warmup > 0) {
+      const warm = encoder.beginComputePass();
+      for (let r = 0; r < this.#warmup; r++) {
+        dispatches.forEach((d, i) => {
+          warm.setPipeline(d.compiled.pipeline);
+          warm.setBindGroup(0, groups[i]!.bindGroup);
+          warm.dispatchWorkgroups(groups[i]!.x, groups[i]!.y);
+        });
+      }
+      warm.end();
+    }
     const pass = encoder.beginComputePass(
       p ? { timestampWrites: { querySet: p.query, beginningOfPassWriteIndex: 0, endOfPassWriteIndex: 1 } } : {},
     );
@@ -522,11 +552,15 @@ export class WebGpuBackend implements Backend {
     bufs: { logits: GPUBuffer; probs: GPUBuffer; inter: GPUBuffer; route: GPUBuffer; bias: BiasBuffer | null },
   ): Dispatch[] {
     const { E, K, dtype, route } = plan;
-    const { key, layout } = this.#forwardKey(plan, op);
-    const compiled = pipelineFor(this.device, key, forwardKernel);
     const inB = BYTES_OF[dtype];
     const outB = op === "aux" ? 4 : inB;
     const rB = routeRowBytes(route, E, K);
+    const fast = op === "topk" && !this.#general ? fastForwardKey(plan as TopkPlan) : null;
+    if (fast !== null) {
+      return this.#fastForwardDispatches(plan as TopkPlan, fast, n, bufs, [E * inB, E * outB, E * 4, rB]);
+    }
+    const { key, layout } = this.#forwardKey(plan, op);
+    const compiled = pipelineFor(this.device, key, forwardKernel);
     const rows = this.#rowsPerDispatch(n, [E * inB, E * outB, E * 4, rB], "webgpu forward", 1, this.#gridRows(layout));
     const t = plan as Partial<TopkPlan>;
     const G = t.numGroups ?? 0;
@@ -567,6 +601,40 @@ export class WebGpuBackend implements Backend {
           hasBias: bufs.bias ? 1 : 0,
           biasDt: DT_CODE[bufs.bias?.dtype ?? "float32"],
         },
+      });
+    }
+    return out;
+  }
+
+  // The dispatches of a forward through the specialised kernel (gpu/_fast_kernels.ts).
+  #fastForwardDispatches(
+    plan: TopkPlan,
+    key: FastForwardKey,
+    n: number,
+    bufs: { logits: GPUBuffer; probs: GPUBuffer; inter: GPUBuffer; route: GPUBuffer; bias: BiasBuffer | null },
+    rowBytes: number[],
+  ): Dispatch[] {
+    const compiled = pipelineFor(this.device, key, fastForwardKernel);
+    const rpw = fastRowsPerWorkgroup(key);
+    const rows = this.#rowsPerDispatch(n, rowBytes, "webgpu forward", 1, rpw * this.#maxGrid * this.#maxGrid);
+    const { E } = plan;
+    const out: Dispatch[] = [];
+    for (let t0 = 0; t0 < n; t0 += rows) {
+      const m = Math.min(rows, n - t0);
+      const region = (buffer: GPUBuffer, rb: number): Bound => ({ buffer, offset: t0 * rb, size: align4(m * rb) });
+      out.push({
+        compiled,
+        workgroups: Math.ceil(m / rpw),
+        bindings: [
+          region(bufs.logits, rowBytes[0]!),
+          region(bufs.probs, rowBytes[1]!),
+          region(bufs.inter, E * 4),
+          region(bufs.route, rowBytes[3]!),
+          bufs.bias
+            ? { buffer: bufs.bias.buffer, offset: 0, size: align4(E * BYTES_OF[bufs.bias.dtype]) }
+            : this.#dummy(),
+        ],
+        uniforms: { T: m, scale: plan.scale, fmt: FMT_CODE[plan.route], rb: rowBytes[3]! },
       });
     }
     return out;
@@ -678,6 +746,8 @@ export class WebGpuBackend implements Backend {
   ): Dispatch[] {
     const { E, K, dtype } = plan;
     const route: RouteFormat = op === "aux" ? "bytemap" : plan.route;
+    const fast = op === "topk" && !this.#general ? fastBackwardKey(plan) : null;
+    if (fast !== null) return this.#fastBackwardDispatches(plan, fast, n, bufs);
     const layout = rowLayout({ E, G: 0, grouped: false, radix: false, backward: true });
     const key: BackwardKey = {
       kernel: "backward",
@@ -726,6 +796,39 @@ export class WebGpuBackend implements Backend {
           hasBias: 0,
           biasDt: 0,
         },
+      });
+    }
+    return out;
+  }
+
+  // The dispatches of a top-k backward through the specialised kernel (gpu/_fast_kernels.ts).
+  #fastBackwardDispatches(
+    plan: { E: number; K: number; dtype: FloatDType; route: RouteFormat; scale: number },
+    key: FastBackwardKey,
+    n: number,
+    bufs: { grad: GPUBuffer; inter: GPUBuffer; route: GPUBuffer; out: GPUBuffer },
+  ): Dispatch[] {
+    const { E, K, dtype, route } = plan;
+    const compiled = pipelineFor(this.device, key, fastBackwardKernel);
+    const rpw = fastBackwardRowsPerWorkgroup(key);
+    const outB = BYTES_OF[dtype];
+    const rB = routeRowBytes(route, E, K);
+    const rowBytes = [E * outB, E * 4, rB, E * outB];
+    const rows = this.#rowsPerDispatch(n, rowBytes, "webgpu backward", 1, rpw * this.#maxGrid * this.#maxGrid);
+    const out: Dispatch[] = [];
+    for (let t0 = 0; t0 < n; t0 += rows) {
+      const m = Math.min(rows, n - t0);
+      const region = (buffer: GPUBuffer, rb: number): Bound => ({ buffer, offset: t0 * rb, size: align4(m * rb) });
+      out.push({
+        compiled,
+        workgroups: Math.ceil(m / rpw),
+        bindings: [
+          region(bufs.grad, E * outB),
+          region(bufs.inter, E * 4),
+          region(bufs.route, rB),
+          region(bufs.out, E * outB),
+        ],
+        uniforms: { T: m, scale: plan.scale, fmt: FMT_CODE[route], rb: rB },
       });
     }
     return out;

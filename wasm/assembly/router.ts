@@ -989,7 +989,21 @@ function rankGroups(G: i32, GK: i32, per: i32, TOPS: usize, GKEY: usize, GBOUND:
 // 4) whose key is >= T0; returns the new count.
 @inline function collectAbove(KEY: usize, from: i32, to: i32, T0: u32, CAND: usize, n: i32): i32 {
   const t = i32x4.splat(T0);
-  for (let i = from; i < to; i += 4) {
+  let i = from;
+  // 16 keys a round: the 4 vectors' masks narrowed to one 16-bit mask (bit j: expert i + j)
+  for (; i + 16 <= to; i += 16) {
+    const p = KEY + (<usize>i << 2);
+    const v0 = v128.load(p), v1 = v128.load(p, 16), v2 = v128.load(p, 32), v3 = v128.load(p, 48);
+    const m01 = i16x8.narrow_i32x4_s(i32x4.eq(i32x4.max_u(v0, t), v0), i32x4.eq(i32x4.max_u(v1, t), v1));
+    const m23 = i16x8.narrow_i32x4_s(i32x4.eq(i32x4.max_u(v2, t), v2), i32x4.eq(i32x4.max_u(v3, t), v3));
+    let hits = i8x16.bitmask(i8x16.narrow_i16x8_s(m01, m23));
+    while (hits) {
+      store<i32>(CAND + (<usize>n << 2), i + ctz(hits));
+      n++;
+      hits &= hits - 1;
+    }
+  }
+  for (; i < to; i += 4) {
     const v = v128.load(KEY + (<usize>i << 2));
     // keys >= T0: max_u(v, t) == v
     let hits = i32x4.bitmask(i32x4.eq(i32x4.max_u(v, t), v));

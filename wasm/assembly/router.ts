@@ -524,32 +524,81 @@ function selectScan(KEY: usize, from: i32, to: i32, n: i32, CI: usize, CK: usize
 // count at most E keys, so they cannot overflow.
 const RADIX_FILTER_K = 32;
 
+// Up to this many filtered candidates, the radix passes give way to rank
+// counting (O(c^2) compares, 2 per vector op, cheaper than 4 histogram passes).
+const RANK_MAX = 64;
+
+// The top K of the c candidates listed in CAND (c >= K) into CHOSEN, best
+// first, by counting each one's rank on 64-bit composites (key high,
+// 0x7fffffff - index low: key descending, ties by lower index, the radix
+// path's set and order). COMP: room for c + 1 i64 (the histogram's space).
+function rankCandidates(KEY: usize, CAND: usize, c: i32, K: i32, COMP: usize, CHOSEN: usize): void {
+  for (let j = 0; j < c; j++) {
+    const i = load<i32>(CAND + (<usize>j << 2));
+    const k = load<u32>(KEY + (<usize>i << 2));
+    store<i64>(COMP + (<usize>j << 3), (<i64><i32>(k ^ 0x80000000) << 32) | <i64>(0x7fffffff - i));
+  }
+  store<i64>(COMP + (<usize>c << 3), i64.MIN_VALUE); // pads an odd count
+  const nv = (c + 1) >> 1;
+  for (let j = 0; j < c; j++) {
+    const cj = i64x2.splat(load<i64>(COMP + (<usize>j << 3)));
+    let a0 = f32x4.splat(0);
+    let a1 = f32x4.splat(0);
+    let v = 0;
+    for (; v + 2 <= nv; v += 2) {
+      const p = COMP + (<usize>v << 4);
+      a0 = i64x2.add(a0, i64x2.gt_s(v128.load(p), cj));
+      a1 = i64x2.add(a1, i64x2.gt_s(v128.load(p, 16), cj));
+    }
+    if (v < nv) a0 = i64x2.add(a0, i64x2.gt_s(v128.load(COMP + (<usize>v << 4)), cj));
+    const acc = i64x2.add(a0, a1);
+    const rank = -<i32>(i64x2.extract_lane(acc, 0) + i64x2.extract_lane(acc, 1));
+    if (rank < K) store<i32>(CHOSEN + (<usize>rank << 2), load<i32>(CAND + (<usize>j << 2)));
+  }
+}
+
+// The filter's per-lane sorted lists, `depth` deep (a constant: the lists
+// live in registers), over KEY[0, E4); returns level D - 1 (D <= depth):
+// each lane's D-th largest key.
+@inline function laneLists(KEY: usize, E4: i32, D: i32, depth: i32): v128 {
+  const z = f32x4.splat(0);
+  let l0 = z, l1 = z, l2 = z, l3 = z, l4 = z, l5 = z, l6 = z, l7 = z;
+  for (let i = 0; i < E4; i += 4) {
+    let v = v128.load(KEY + (<usize>i << 2));
+    let m = l0; l0 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+    m = l1; l1 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+    if (depth > 2) {
+      m = l2; l2 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+      m = l3; l3 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+    }
+    if (depth > 4) {
+      m = l4; l4 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+      m = l5; l5 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+      m = l6; l6 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+      l7 = i32x4.max_u(l7, v);
+    }
+  }
+  if (D == 1) return l0;
+  if (D == 2) return l1;
+  if (D == 3) return l2;
+  if (D == 4) return l3;
+  if (D == 5) return l4;
+  if (D == 6) return l5;
+  if (D == 7) return l6;
+  return l7;
+}
+
 function selectRadix(KEY: usize, E: i32, K: i32, HIST: usize, CHOSEN: usize, CAND: usize, LANES: usize): void {
   const E4 = roundUp4(E);
   let c = E;
   let listed = false;
   if (K <= RADIX_FILTER_K) {
     const D = (K + 3) >> 2;
-    for (let j = 0; j < D; j++) v128.store(LANES + (<usize>j << 4), f32x4.splat(0));
-    for (let i = 0; i < E4; i += 4) {
-      let v = v128.load(KEY + (<usize>i << 2));
-      for (let j = 0; j < D; j++) {
-        const p = LANES + (<usize>j << 4);
-        const m = v128.load(p);
-        v128.store(p, i32x4.max_u(m, v));
-        v = i32x4.min_u(m, v);
-      }
-    }
-    const t = i32x4.splat(hminU(v128.load(LANES + (<usize>(D - 1) << 4))));
-    c = 0;
-    for (let i = 0; i < E4; i += 4) {
-      const v = v128.load(KEY + (<usize>i << 2));
-      let hits = i32x4.bitmask(i32x4.eq(i32x4.max_u(v, t), v));
-      while (hits) {
-        store<i32>(CAND + (<usize>c << 2), i + ctz(hits));
-        c++;
-        hits &= hits - 1;
-      }
+    const T0 = hminU(D <= 2 ? laneLists(KEY, E4, D, 2) : D <= 4 ? laneLists(KEY, E4, D, 4) : laneLists(KEY, E4, D, 8));
+    c = collectAbove(KEY, 0, E4, T0, CAND, 0);
+    if (c <= RANK_MAX) {
+      rankCandidates(KEY, CAND, c, K, HIST, CHOSEN);
+      return;
     }
     listed = true;
   }

@@ -683,7 +683,10 @@ export class WasmBackend implements Backend {
     });
   }
 
-  /** Test hook: runs a SIMD math routine (0 exp, 1 log1p, 2 sigmoid, 3 sqrtsoftplus) over xs. */
+  /**
+   * Test hook: runs a SIMD math routine over xs (0 exp, 1 log1p, 2 sigmoid, 3 sqrtsoftplus, 4 exp of x <= 0,
+   * 5 the forward's sigmoid).
+   */
   mathCheck(kind: number, xs: Float32Array): Float32Array {
     const n = align16(xs.length);
     const L = new Layout(this.#k.heapBase());

@@ -34,16 +34,13 @@ else port.on("message", handle);
 `;
 
 interface Thread {
-  post(message: unknown): void;
-  /** Resolves with the next message's data. */
-  next(): Promise<number>;
+  /** Posts a message; resolves with the worker's reply to it (replies come in order). */
+  call(message: unknown): Promise<number>;
   terminate(): void;
 }
 
 type NodeWorker = {
   on(event: string, f: (v: unknown) => void): void;
-  once(event: string, f: (v: unknown) => void): void;
-  off(event: string, f: (v: unknown) => void): void;
   postMessage(m: unknown): void;
   terminate(): void;
   unref(): void;
@@ -56,43 +53,53 @@ function isNode(): boolean {
 
 let blobUrl: string | undefined;
 
+// The replies a thread still owes, oldest first: a worker handles its
+// messages in order, so each reply settles the oldest call.
+class Replies {
+  #pending: Array<{ resolve(v: number): void; reject(e: unknown): void }> = [];
+  wait(): Promise<number> {
+    return new Promise((resolve, reject) => this.#pending.push({ resolve, reject }));
+  }
+  reply(v: number): void {
+    this.#pending.shift()?.resolve(v);
+  }
+  fail(e: unknown): void {
+    for (const p of this.#pending.splice(0)) p.reject(e);
+  }
+}
+
 async function spawn(): Promise<Thread> {
+  const replies = new Replies();
   if (isNode()) {
     const { Worker } = await import("node:worker_threads" as string) as {
       Worker: new (src: string, o: { eval: boolean }) => NodeWorker;
     };
     const w = new Worker(WORKER_SOURCE, { eval: true });
     w.unref();
+    w.on("message", (v) => replies.reply(v as number));
+    w.on("error", (e) => replies.fail(e));
     return {
-      post: (m) => w.postMessage(m),
-      next: () =>
-        new Promise((resolve, reject) => {
-          const ok = (v: unknown) => {
-            w.off("error", bad);
-            resolve(v as number);
-          };
-          const bad = (e: unknown) => {
-            w.off("message", ok);
-            reject(e);
-          };
-          w.once("message", ok);
-          w.once("error", bad);
-        }),
+      call: (m) => {
+        const r = replies.wait();
+        w.postMessage(m);
+        return r;
+      },
       terminate: () => w.terminate(),
     };
   }
   blobUrl ??= URL.createObjectURL(new Blob([WORKER_SOURCE], { type: "text/javascript" }));
   const w = new Worker(blobUrl, { type: "module" });
+  w.onmessage = (e) => replies.reply(e.data as number);
+  w.onerror = (e) => {
+    e.preventDefault();
+    replies.fail(new Error(`moe-router worker failed: ${e.message}`));
+  };
   return {
-    post: (m) => w.postMessage(m),
-    next: () =>
-      new Promise((resolve, reject) => {
-        w.onmessage = (e) => resolve(e.data as number);
-        w.onerror = (e) => {
-          e.preventDefault();
-          reject(new Error(`moe-router worker failed: ${e.message}`));
-        };
-      }),
+    call: (m) => {
+      const r = replies.wait();
+      w.postMessage(m);
+      return r;
+    },
     terminate: () => w.terminate(),
   };
 }
@@ -144,8 +151,7 @@ export class ThreadPool {
     if (this.#threads.length > 0) return this.#threads;
     this.#starting ??= (async () => {
       const threads = await Promise.all(Array.from({ length: this.size }, spawn));
-      for (const t of threads) t.post({ module: this.module, memory: this.memory });
-      await Promise.all(threads.map((t) => t.next()));
+      await Promise.all(threads.map((t) => t.call({ module: this.module, memory: this.memory })));
       this.#threads = threads;
       this.#starting = null;
       return threads;
@@ -158,20 +164,32 @@ export class ThreadPool {
    * once; resolves when every job is done.
    */
   async run(jobs: Job[], local: (job: Job) => void): Promise<void> {
+    await this.session(async (post) => {
+      const done = jobs.slice(1).map((job, i) => post(i, job));
+      try {
+        local(jobs[0] as Job);
+      } finally {
+        await Promise.all(done);
+      }
+    });
+  }
+
+  /**
+   * Gives `work` the workers for a while: post(w, job) queues a job on
+   * worker w (w < size) and resolves when it is done; jobs on one worker run
+   * in the order they were posted, so the caller can hand out a batch in
+   * pieces and take each piece's results as soon as it is done. Resolves
+   * with work's result once it settles (work must await every job it posts).
+   */
+  async session<R>(work: (post: (w: number, job: Job) => Promise<void>) => Promise<R>): Promise<R> {
     if (this.#closed) throw new Error("the WebAssembly backend was disposed");
     clearTimeout(this.#idle);
     const threads = await this.#start();
-    const done: Promise<number>[] = [];
-    for (let i = 1; i < jobs.length; i++) {
-      const t = threads[i - 1] as Thread;
-      const job = jobs[i] as Job;
-      done.push(t.next());
-      t.post({ id: ++this.#seq, fn: job.fn, args: job.args });
-    }
     try {
-      local(jobs[0] as Job);
+      return await work(async (w, job) => {
+        await (threads[w] as Thread).call({ id: ++this.#seq, fn: job.fn, args: job.args });
+      });
     } finally {
-      await Promise.all(done);
       this.#armIdle();
     }
   }

@@ -45,6 +45,14 @@ const ROUTE: Record<RouteFormat, number> = { bytemap: 0, bitmap_u8: 1, int16: 2,
 export const DEFAULT_CHUNK_BYTES = 16 << 20;
 /** Below this many token x expert elements a call stays on one thread (a worker round trip costs ~0.2 ms). */
 export const MIN_PARALLEL_ELEMENTS = 1 << 18;
+/**
+ * What copying a token in and out costs the calling thread, in kernel time
+ * per token (measured for DeepSeek-V3 on 2 cores: about 0.2): the share of a
+ * pipelined chunk that the calling thread runs itself is smaller by that.
+ */
+const SHARE_OF_COPIES = 0.2;
+/** Pieces a worker's share of a pipelined chunk is cut into (its results are taken as each completes). */
+const PIECES = 8;
 // wasm32 addresses: the module can never hold more than this
 const MAX_MEMORY = 4 * 1024 * 1024 * 1024 - 65536;
 const PAGE = 65536;
@@ -202,7 +210,9 @@ export class WasmBackend implements Backend {
 
   // How many tokens fit one chunk, given the token data bytes per token.
   #chunk(T: number, perToken: number): number {
-    return Math.max(1, Math.min(T, Math.floor(this.#chunkBytes / Math.max(1, perToken))));
+    const most = Math.max(1, Math.min(T, Math.floor(this.#chunkBytes / Math.max(1, perToken))));
+    // chunks of even size: no small last chunk that runs alone
+    return Math.ceil(T / Math.ceil(T / most));
   }
 
   // Row ranges [a, a + n) of a chunk of m tokens, one per thread that runs it.
@@ -212,6 +222,54 @@ export class WasmBackend implements Backend {
     const out: Array<[number, number]> = [];
     for (let a = 0; a < m; a += per) out.push([a, Math.min(per, m - a)]);
     return out;
+  }
+
+  // One chunk of m tokens on this thread and the workers, pipelined so that
+  // this thread's copies overlap the workers' kernels: the workers' rows are
+  // copied in first, piece by piece, each piece queued on its worker as soon
+  // as it is in; then this thread copies in and runs its own share, copies
+  // its results out, and takes each worker piece's results as it completes.
+  // This thread's share is smaller than a worker's by what its copies cost
+  // (SHARE_OF_COPIES, in kernel time per token). Pieces: rows [a, a + rows)
+  // on thread j (0: this one).
+  async #pipeline(
+    pool: ThreadPool,
+    m: number,
+    copyIn: (a: number, rows: number) => void,
+    job: (a: number, rows: number, j: number) => Job,
+    copyOut: (a: number, rows: number, j: number) => void,
+  ): Promise<void> {
+    const W = Math.min(pool.size, m - 1);
+    const own = Math.max(1, Math.round(m * Math.max(0, 1 / W - SHARE_OF_COPIES) / (1 + 1 / W)));
+    const per = Math.ceil((m - own) / W);
+    const pieces: Array<[number, number, number]> = []; // [a, rows, worker]
+    const size = Math.max(1, Math.ceil(per / PIECES));
+    for (let p = 0; p < PIECES; p++) {
+      for (let w = 0; w < W; w++) {
+        const a = own + w * per + p * size;
+        const end = Math.min(own + (w + 1) * per, m);
+        if (a < end) pieces.push([a, Math.min(size, end - a), w]);
+      }
+    }
+    await pool.session(async (post) => {
+      const done = pieces.map(([a, rows, w]) => {
+        copyIn(a, rows);
+        return post(w, job(a, rows, w + 1));
+      });
+      try {
+        copyIn(0, own);
+        const local = job(0, own, 0);
+        (this.#k[local.fn as keyof Kernels] as Fn)(...local.args);
+        copyOut(0, own, 0);
+        for (let i = 0; i < pieces.length; i++) {
+          await done[i];
+          const [a, rows, w] = pieces[i] as [number, number, number];
+          copyOut(a, rows, w + 1);
+        }
+      } finally {
+        await Promise.allSettled(done);
+      }
+    });
   }
 
   // Runs kernel `fn` on each row range, range j on thread j (j = 0: this
@@ -236,7 +294,8 @@ export class WasmBackend implements Backend {
     const r16 = Math.ceil(E / 16) * 16;
     const k4 = Math.ceil(K / 4) * 16;
     const g4 = Math.ceil(G / 4) * 16;
-    const bytes = 4 * (r16 * 4) + Math.max(1024, r16) + 3 * k4 + 2 * g4 + 5 * k4 + 64;
+    const tops = Math.ceil(Math.max(G, 1) / 4) * 128; // lane lists of the fused pass
+    const bytes = 4 * (r16 * 4) + Math.max(1024, r16) + 3 * k4 + 3 * g4 + 5 * k4 + 64 + tops + 144;
     // the kernels address one token's scratch with 32-bit offsets
     if (bytes > MAX_TOKEN_SCRATCH) {
       throw new RangeError(
@@ -314,11 +373,13 @@ export class WasmBackend implements Backend {
       this.#put(bias, plan.bias, 0, E);
     }
     const routeElems = isMap(route) ? rB : K;
+    const list = new Int32Array(k.memory.buffer, listP, n * K);
+    const vals = this.#bits(dtype, valsP, n * K);
     for (let t0 = 0; t0 < T; t0 += n) {
       const m = Math.min(n, T - t0);
-      this.#put(inP, logits.data, t0 * E, m * E);
-      const ranges = this.#ranges(m, E);
-      await this.#exec("topkForward", ranges, (a, rows, j) => [
+      // rows [a, a + rows) of this chunk: copy in, kernel arguments (thread j), copy out
+      const copyIn = (a: number, rows: number) => this.#put(inP + a * E * inB, logits.data, (t0 + a) * E, rows * E);
+      const argsFor = (a: number, rows: number, j: number) => [
         inP + a * E * inB,
         DT[dtype],
         rows,
@@ -335,19 +396,32 @@ export class WasmBackend implements Backend {
         valsP + a * K * inB,
         listP + a * K * 4,
         yascP + a * K * 4,
-        interP[j] as number,
+        (interP[j] as number) + a * E * 4,
         routeP + a * rB,
         scratch[j] as number,
-      ]);
-      ranges.forEach(([a, rows], j) => this.#get(interP[j] as number, intermediate, (t0 + a) * E, rows * E));
-      this.#get(routeP, routeOut, t0 * routeElems, m * routeElems);
-      this.#get(yascP, yasc, t0 * K, m * K);
-      // probs: scatter the K values of each token into the zeroed rows
-      const list = new Int32Array(k.memory.buffer, listP, m * K);
-      const vals = this.#bits(dtype, valsP, m * K);
-      for (let t = 0; t < m; t++) {
-        const row = (t0 + t) * E;
-        for (let c = t * K, end = c + K; c < end; c++) probsBits[row + (list[c] as number)] = vals[c] as number;
+      ];
+      const copyOut = (a: number, rows: number, j: number) => {
+        this.#get((interP[j] as number) + a * E * 4, intermediate, (t0 + a) * E, rows * E);
+        this.#get(routeP + a * rB, routeOut, (t0 + a) * routeElems, rows * routeElems);
+        this.#get(yascP + a * K * 4, yasc, (t0 + a) * K, rows * K);
+        // probs: scatter the K values of each token into the zeroed rows
+        for (let t = a; t < a + rows; t++) {
+          const row = (t0 + t) * E;
+          for (let c = t * K, end = c + K; c < end; c++) probsBits[row + (list[c] as number)] = vals[c] as number;
+        }
+      };
+      if (this.#pool === null || m * E < MIN_PARALLEL_ELEMENTS || m < 2) {
+        copyIn(0, m);
+        (k.topkForward as Fn)(...argsFor(0, m, 0));
+        copyOut(0, m, 0);
+      } else {
+        await this.#pipeline(
+          this.#pool,
+          m,
+          copyIn,
+          (a, rows, j) => ({ fn: "topkForward", args: argsFor(a, rows, j) }),
+          copyOut,
+        );
       }
     }
     const payload: TopkPayload = {
@@ -609,7 +683,10 @@ export class WasmBackend implements Backend {
     });
   }
 
-  /** Test hook: runs a SIMD math routine (0 exp, 1 log1p, 2 sigmoid, 3 sqrtsoftplus) over xs. */
+  /**
+   * Test hook: runs a SIMD math routine over xs (0 exp, 1 log1p, 2 sigmoid, 3 sqrtsoftplus, 4 exp of x <= 0,
+   * 5 the forward's sigmoid).
+   */
   mathCheck(kind: number, xs: Float32Array): Float32Array {
     const n = align16(xs.length);
     const L = new Layout(this.#k.heapBase());

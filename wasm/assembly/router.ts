@@ -56,7 +56,8 @@ const KEY_NAN: u32 = 1;
 // ---- scratch layout ----------------------------------------------------------
 // top-k forward: X [E16] f32 widened logits | S [E16] f32 scores | KEY [E16]
 // u32 | HIST: radix histogram or block maxima | CHOSEN [2 K4] | VAL [K4] f32 |
-// GROUP [2 G4] | TOPV (lane lists) | CAND [E16] radix candidates.
+// GROUP [3 G4] | TOPV (lane lists) | CAND [E16] candidates | TOPS (the fused
+// pass's lane lists, 2 vectors per group) | COMP [16] i64 composites.
 // The dense backward reuses the first rows as G, Y, M and A.
 
 /** Bytes of scratch one token needs; the host reserves this once per call. */
@@ -64,7 +65,8 @@ export function scratchBytes(E: i32, K: i32, G: i32): i32 {
   const row = roundUp16(E) << 2; // X, S, KEY (topk) or G, Y, M, A (backward)
   const k4 = roundUp4(K) << 2; // CHOSEN (2x), VAL
   const g4 = roundUp4(G) << 2; // GROUP (2x)
-  return 4 * row + max(RADIX_BINS << 2, roundUp16(E)) + 3 * k4 + 2 * g4 + 5 * k4 + 64;
+  const tops = roundUp4(max(G, 1)) << 5; // lane lists of the fused pass
+  return 4 * row + max(RADIX_BINS << 2, roundUp16(E)) + 3 * k4 + 3 * g4 + 5 * k4 + 64 + tops + 144;
 }
 
 /** First free byte of linear memory: the host lays out its regions above it. */
@@ -200,6 +202,7 @@ const VCONST = memory.data<f32>([
   reinterpret<f32>(<u32>1), reinterpret<f32>(<u32>1), reinterpret<f32>(<u32>1), reinterpret<f32>(<u32>1), // KEY_NAN_V
   reinterpret<f32>(<u32>0), reinterpret<f32>(<u32>1), reinterpret<f32>(<u32>2), reinterpret<f32>(<u32>3), // IOTA
   -Infinity, -Infinity, -Infinity, -Infinity, // NEG_INF
+  reinterpret<f32>(<u32>0xc1800000), reinterpret<f32>(<u32>0xc1800000), reinterpret<f32>(<u32>0xc1800000), reinterpret<f32>(<u32>0xc1800000), // EXP_N125: -125 << 23
 ]);
 @inline function EXP_LO(): v128 { return v128.load(VCONST + 0); }
 @inline function EXP_HI(): v128 { return v128.load(VCONST + 16); }
@@ -236,6 +239,7 @@ const VCONST = memory.data<f32>([
 @inline function KEY_NAN_V(): v128 { return v128.load(VCONST + 512); }
 @inline function IOTA(): v128 { return v128.load(VCONST + 528); }
 @inline function NEG_INF(): v128 { return v128.load(VCONST + 544); }
+@inline function EXP_N125(): v128 { return v128.load(VCONST + 560); }
 
 // exp(x) on 4 lanes, about 1 ulp over the whole float32 range, subnormal
 // results included: x = n*ln2 + r with |r| <= ln2/2 (Cody-Waite split of
@@ -317,6 +321,42 @@ const VCONST = memory.data<f32>([
   return v128.bitselect(d, f32x4.mul(e, d), f32x4.ge(x, f32x4.splat(0)));
 }
 
+// exp(x) for x <= 0 (or NaN), bit for bit vexp(x) there, in fewer steps:
+// no upper clamp (never reached); no final mask, since the clamped x = -104
+// already gives +0 (n = -150, and p * 2^-150 < 2^-150 rounds to 0); and 2^n
+// as 2^max(n, -125) * 2^(n - max(n, -125)), taking n << 23 straight from the
+// shifter's bits (t = 1.5 * 2^23 + n, so t << 23 == n << 23). As in vexp, the
+// first product is exact (a normal number) and the second rounds once, so
+// both give the correctly rounded p * 2^n.
+@inline function vexpNeg(x: v128): v128 {
+  const xc = f32x4.pmax(x, EXP_LO());
+  const t = f32x4.add(f32x4.mul(xc, LOG2E()), EXP_SHIFT());
+  const n = f32x4.sub(t, EXP_SHIFT());
+  let r = f32x4.sub(xc, f32x4.mul(n, LN2_HI()));
+  r = f32x4.sub(r, f32x4.mul(n, LN2_LO()));
+  let p = EXP_P0();
+  p = f32x4.add(f32x4.mul(p, r), EXP_P1());
+  p = f32x4.add(f32x4.mul(p, r), EXP_P2());
+  p = f32x4.add(f32x4.mul(p, r), EXP_P3());
+  p = f32x4.add(f32x4.mul(p, r), EXP_P4());
+  p = f32x4.add(f32x4.mul(p, r), EXP_P5());
+  p = f32x4.add(f32x4.add(f32x4.mul(f32x4.mul(p, r), r), r), ONE());
+  const nb = i32x4.shl(t, 23); // n << 23
+  const a = i32x4.max_s(nb, EXP_N125()); // max(n, -125) << 23
+  const s1 = i32x4.add(a, ONE_BITS()); // 2^max(n, -125)
+  const s2 = i32x4.add(i32x4.sub(nb, a), ONE_BITS()); // 2^(n - max(n, -125))
+  return f32x4.mul(f32x4.mul(p, s1), s2);
+}
+
+// vsigmoid, bit for bit, on vexpNeg: -|x| is x with the sign bit set, and
+// the lane select goes by the sign bit instead of x >= 0 (x = -0: e = 1, so
+// e * d == d; NaN: e and d carry the same NaN, so e * d == d).
+@inline function vsigmoidFast(x: v128): v128 {
+  const e = vexpNeg(v128.or(x, SIGN_BIT()));
+  const d = f32x4.div(ONE(), f32x4.add(ONE(), e));
+  return v128.bitselect(f32x4.mul(e, d), d, i32x4.shr_s(x, 31));
+}
+
 // sqrtsoftplus(x) = sqrt(softplus(x)), softplus(x) = log1p(exp(x)):
 //   above 20, softplus(x) is x (the float32 identity; no exp overflow);
 //   below -20, softplus(x) = exp(x) (1 + O(exp(x))), so the result is
@@ -337,7 +377,10 @@ const VCONST = memory.data<f32>([
   return max(max(f32x4.extract_lane(v, 0), f32x4.extract_lane(v, 1)), max(f32x4.extract_lane(v, 2), f32x4.extract_lane(v, 3)));
 }
 
-/** Test hook: applies one vector routine (0 exp, 1 log1p, 2 sigmoid, 3 sqrtsoftplus) to n floats in place. */
+/**
+ * Test hook: applies one vector routine (0 exp, 1 log1p, 2 sigmoid, 3 sqrtsoftplus, 4 exp of x <= 0,
+ * 5 the forward's sigmoid) to n floats in place.
+ */
 export function mathCheck(kind: i32, ptr: usize, n: i32): void {
   for (let i = 0; i < n; i += 4) {
     const p = ptr + (<usize>i << 2);
@@ -346,7 +389,9 @@ export function mathCheck(kind: i32, ptr: usize, n: i32): void {
     if (kind == 0) y = vexp(x);
     else if (kind == 1) y = vlog1p(x);
     else if (kind == 2) y = vsigmoid(x);
-    else y = vsqrtsoftplus(x);
+    else if (kind == 3) y = vsqrtsoftplus(x);
+    else if (kind == 4) y = vexpNeg(x);
+    else y = vsigmoidFast(x);
     v128.store(p, y);
   }
 }
@@ -479,32 +524,81 @@ function selectScan(KEY: usize, from: i32, to: i32, n: i32, CI: usize, CK: usize
 // count at most E keys, so they cannot overflow.
 const RADIX_FILTER_K = 32;
 
+// Up to this many filtered candidates, the radix passes give way to rank
+// counting (O(c^2) compares, 2 per vector op, cheaper than 4 histogram passes).
+const RANK_MAX = 64;
+
+// The top K of the c candidates listed in CAND (c >= K) into CHOSEN, best
+// first, by counting each one's rank on 64-bit composites (key high,
+// 0x7fffffff - index low: key descending, ties by lower index, the radix
+// path's set and order). COMP: room for c + 1 i64 (the histogram's space).
+function rankCandidates(KEY: usize, CAND: usize, c: i32, K: i32, COMP: usize, CHOSEN: usize): void {
+  for (let j = 0; j < c; j++) {
+    const i = load<i32>(CAND + (<usize>j << 2));
+    const k = load<u32>(KEY + (<usize>i << 2));
+    store<i64>(COMP + (<usize>j << 3), (<i64><i32>(k ^ 0x80000000) << 32) | <i64>(0x7fffffff - i));
+  }
+  store<i64>(COMP + (<usize>c << 3), i64.MIN_VALUE); // pads an odd count
+  const nv = (c + 1) >> 1;
+  for (let j = 0; j < c; j++) {
+    const cj = i64x2.splat(load<i64>(COMP + (<usize>j << 3)));
+    let a0 = f32x4.splat(0);
+    let a1 = f32x4.splat(0);
+    let v = 0;
+    for (; v + 2 <= nv; v += 2) {
+      const p = COMP + (<usize>v << 4);
+      a0 = i64x2.add(a0, i64x2.gt_s(v128.load(p), cj));
+      a1 = i64x2.add(a1, i64x2.gt_s(v128.load(p, 16), cj));
+    }
+    if (v < nv) a0 = i64x2.add(a0, i64x2.gt_s(v128.load(COMP + (<usize>v << 4)), cj));
+    const acc = i64x2.add(a0, a1);
+    const rank = -<i32>(i64x2.extract_lane(acc, 0) + i64x2.extract_lane(acc, 1));
+    if (rank < K) store<i32>(CHOSEN + (<usize>rank << 2), load<i32>(CAND + (<usize>j << 2)));
+  }
+}
+
+// The filter's per-lane sorted lists, `depth` deep (a constant: the lists
+// live in registers), over KEY[0, E4); returns level D - 1 (D <= depth):
+// each lane's D-th largest key.
+@inline function laneLists(KEY: usize, E4: i32, D: i32, depth: i32): v128 {
+  const z = f32x4.splat(0);
+  let l0 = z, l1 = z, l2 = z, l3 = z, l4 = z, l5 = z, l6 = z, l7 = z;
+  for (let i = 0; i < E4; i += 4) {
+    let v = v128.load(KEY + (<usize>i << 2));
+    let m = l0; l0 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+    m = l1; l1 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+    if (depth > 2) {
+      m = l2; l2 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+      m = l3; l3 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+    }
+    if (depth > 4) {
+      m = l4; l4 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+      m = l5; l5 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+      m = l6; l6 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+      l7 = i32x4.max_u(l7, v);
+    }
+  }
+  if (D == 1) return l0;
+  if (D == 2) return l1;
+  if (D == 3) return l2;
+  if (D == 4) return l3;
+  if (D == 5) return l4;
+  if (D == 6) return l5;
+  if (D == 7) return l6;
+  return l7;
+}
+
 function selectRadix(KEY: usize, E: i32, K: i32, HIST: usize, CHOSEN: usize, CAND: usize, LANES: usize): void {
   const E4 = roundUp4(E);
   let c = E;
   let listed = false;
   if (K <= RADIX_FILTER_K) {
     const D = (K + 3) >> 2;
-    for (let j = 0; j < D; j++) v128.store(LANES + (<usize>j << 4), f32x4.splat(0));
-    for (let i = 0; i < E4; i += 4) {
-      let v = v128.load(KEY + (<usize>i << 2));
-      for (let j = 0; j < D; j++) {
-        const p = LANES + (<usize>j << 4);
-        const m = v128.load(p);
-        v128.store(p, i32x4.max_u(m, v));
-        v = i32x4.min_u(m, v);
-      }
-    }
-    const t = i32x4.splat(hminU(v128.load(LANES + (<usize>(D - 1) << 4))));
-    c = 0;
-    for (let i = 0; i < E4; i += 4) {
-      const v = v128.load(KEY + (<usize>i << 2));
-      let hits = i32x4.bitmask(i32x4.eq(i32x4.max_u(v, t), v));
-      while (hits) {
-        store<i32>(CAND + (<usize>c << 2), i + ctz(hits));
-        c++;
-        hits &= hits - 1;
-      }
+    const T0 = hminU(D <= 2 ? laneLists(KEY, E4, D, 2) : D <= 4 ? laneLists(KEY, E4, D, 4) : laneLists(KEY, E4, D, 8));
+    c = collectAbove(KEY, 0, E4, T0, CAND, 0);
+    if (c <= RANK_MAX) {
+      rankCandidates(KEY, CAND, c, K, HIST, CHOSEN);
+      return;
     }
     listed = true;
   }
@@ -669,12 +763,13 @@ function groupTop(KEY: usize, from: i32, size: i32, per: i32, TOPV: usize, OUT: 
 //
 // For K <= 8 without groups, and for groups of a multiple of 4 experts with
 // K / GK <= 2, the top K come from a filter instead of K arg-max rounds:
-// (1) per-lane top-2 lists (4 lanes x 2 keys, branch-free max / min) give a
-// lower bound T0 of the K-th largest allowed key, since at least K distinct
-// allowed keys are >= T0; (2) one scan, in index order, offers every key
-// >= T0 to the bounded ordered list of insertTop. Same set and order as the
-// arg-max rounds (key descending, ties by lower index); typically K to 2K
-// keys pass the filter, so the branchy part stays short.
+// (1) per-lane top-2 lists (4 lanes x 2 keys, branch-free max / min, kept
+// by the fused score pass) give a lower bound T0 of the K-th largest allowed
+// key, since at least K distinct allowed keys are >= T0; (2) one scan, in
+// index order, lists every allowed key >= T0; (3) the list is ordered
+// (orderCandidates). Same set and order as the arg-max rounds (key
+// descending, ties by lower index); typically K to 2K keys pass the filter.
+// See selectFastTops.
 
 // per-lane top-2 of KEY[from, to) (multiples of 4) into P[0] (first) and P[1] (second)
 @inline function laneTop2(KEY: usize, from: i32, to: i32, P: usize): void {
@@ -694,83 +789,10 @@ function groupTop(KEY: usize, from: i32, size: i32, per: i32, TOPV: usize, OUT: 
   return min(<u32>i32x4.extract_lane(a, 0), <u32>i32x4.extract_lane(a, 1));
 }
 
-// the second largest of 8 keys held as per-lane (first, second) pairs:
-// the first lane holding the largest gives up its first for its second
-@inline function secondOfPairs(m1: v128, m2: v128, top: u32): u32 {
-  const lane = ctz(i32x4.bitmask(i32x4.eq(m1, i32x4.splat(top))));
-  return hmaxU(v128.bitselect(m2, m1, i32x4.eq(IOTA(), i32x4.splat(lane))));
-}
-
-// Offers every key >= T0 of KEY[from, to) (multiples of 4) to the list
-function offerAbove(KEY: usize, from: i32, to: i32, T0: u32, n: i32, CI: usize, CK: usize): void {
-  const last = CK + (<usize>(n - 1) << 2);
-  const t = i32x4.splat(T0);
-  for (let i = from; i < to; i += 4) {
-    const v = v128.load(KEY + (<usize>i << 2));
-    // keys >= T0: max_u(v, t) == v
-    let hits = i32x4.bitmask(i32x4.eq(i32x4.max_u(v, t), v));
-    while (hits) {
-      const l = ctz(hits);
-      const k = load<u32>(KEY + (<usize>(i + l) << 2));
-      if (k > load<u32>(last)) insertTop(CI, CK, n, i + l, k);
-      hits &= hits - 1;
-    }
-  }
-}
-
 // Whether the fast path applies to this shape (see above).
 @inline function fastNaive(E: i32, K: i32, G: i32, GK: i32): bool {
   if (GK > 0) return K / GK <= 2 && ((E / G) & 3) == 0;
   return K <= 8;
-}
-
-// Fast naive top-K, with the group limit when GK > 0. Scratch: CHOSEN
-// (2 * K4: indices then keys), GROUP (2 * G4: group keys then group bounds),
-// P (2 vectors).
-function selectFast(KEY: usize, E: i32, K: i32, G: i32, GK: i32, CHOSEN: usize, GROUP: usize, P: usize): void {
-  const CK = CHOSEN + (<usize>roundUp4(K) << 2);
-  for (let j = 0; j < K; j++) store<u32>(CK + (<usize>j << 2), KEY_OUT);
-  if (GK == 0) {
-    laneTop2(KEY, 0, roundUp4(E), P);
-    const T0 = K <= 4 ? hminU(v128.load(P)) : hminU(v128.load(P, 16));
-    offerAbove(KEY, 0, roundUp4(E), T0, K, CHOSEN, CK);
-    return;
-  }
-  const size = E / G;
-  const per = K / GK;
-  const BOUND = GROUP + (<usize>roundUp4(G) << 2);
-  // group scores: the sum of the top `per` (1 or 2) keys' values, largest first
-  for (let g = 0; g < G; g++) {
-    laneTop2(KEY, g * size, (g + 1) * size, P);
-    const m1 = v128.load(P);
-    const top = hmaxU(m1);
-    let sum = floatOfKey(top);
-    let bound = top;
-    if (per == 2) {
-      bound = secondOfPairs(m1, v128.load(P, 16), top);
-      sum += floatOfKey(bound);
-    }
-    store<u32>(GROUP + (<usize>g << 2), keyOf(sum));
-    store<u32>(BOUND + (<usize>g << 2), bound);
-  }
-  // keep the GK best groups (equal scores: lower group index): a group's
-  // rank counts the groups before it, branch-free; T0 = the smallest
-  // `per`-th key of a kept group
-  let T0: u32 = 0xffffffff;
-  for (let g = 0; g < G; g++) {
-    const kg = load<u32>(GROUP + (<usize>g << 2));
-    let rank = 0;
-    for (let h = 0; h < G; h++) {
-      const kh = load<u32>(GROUP + (<usize>h << 2));
-      rank += <i32>(kh > kg) | (<i32>(kh == kg) & <i32>(h < g));
-    }
-    if (rank < GK) T0 = min(T0, load<u32>(BOUND + (<usize>g << 2)));
-    else store<u32>(GROUP + (<usize>g << 2), KEY_OUT); // dropped
-  }
-  for (let g = 0; g < G; g++) {
-    if (load<u32>(GROUP + (<usize>g << 2)) == KEY_OUT) continue;
-    offerAbove(KEY, g * size, (g + 1) * size, T0, K, CHOSEN, CK);
-  }
 }
 
 // Group limit: a group's score is the sum of its top (K / GK) selection
@@ -829,6 +851,300 @@ function limitGroups(
   return viaBlocks;
 }
 
+// ---- top-k forward: the fused score pass ------------------------------------------
+//
+// One pass over a token's experts computes, per vector of 4 experts: the
+// score s (kept where the values are read later), the intermediate, the
+// selection score r = s + bias, its key, and (when `track`) per-lane top-2
+// lists of the keys of each group, which the fast selection starts from.
+// Keys are computed without the NaN case (KEY_NAN): NaN lanes are flagged
+// instead, and a token that has any is keyed again by fixKeys (rare). For
+// every score function but post-softmax, s >= +0 or NaN, so r is never -0
+// (-0 needs two -0 addends) and needs no -0 -> +0 step.
+
+const PASS_SIGMOID: i32 = 0; // s = sigmoid(x), intermediate = s
+const PASS_SQRTSOFTPLUS: i32 = 1; // s = sqrtsoftplus(x) into S, intermediate = x
+const PASS_PRE: i32 = 2; // s = intermediate / sum (the exps are in the intermediate already)
+const PASS_POST: i32 = 3; // keys of x itself
+
+// The score of the vector at byte offset o, stored where the pass keeps it.
+@inline function passScore(kind: i32, src: usize, irow: usize, S: usize, o: usize, sum: v128): v128 {
+  if (kind == PASS_SIGMOID) {
+    const s = vsigmoidFast(v128.load(src + o));
+    v128.store(irow + o, s);
+    return s;
+  }
+  if (kind == PASS_SQRTSOFTPLUS) {
+    const x = v128.load(src + o);
+    const s = vsqrtsoftplus(x);
+    v128.store(irow + o, x);
+    v128.store(S + o, s);
+    return s;
+  }
+  if (kind == PASS_PRE) {
+    const s = f32x4.div(v128.load(irow + o), sum);
+    v128.store(irow + o, s);
+    return s;
+  }
+  return f32x4.add(v128.load(src + o), f32x4.splat(0)); // post: -0 + 0 = +0
+}
+
+// The fused pass over one token (see above); returns whether a selection
+// score was NaN (then KEY and the lane lists need fixKeys). Groups: `ngroups`
+// runs of `gsize` experts (gsize a multiple of 4), or one run of the whole
+// row; lane lists go to TOPS (first, second: 2 vectors per group).
+@inline function fusedPass(
+  kind: i32, hasBias: bool, track: bool,
+  src: usize, E: i32, irow: usize, S: usize, KEY: usize, bias: usize, sum: v128,
+  ngroups: i32, gsize: i32, TOPS: usize,
+): bool {
+  let nan = f32x4.splat(0);
+  let g0 = 0;
+  for (let g = 0; g < ngroups; g++) {
+    const end = min(g0 + gsize, E);
+    let m1 = f32x4.splat(0);
+    let m2 = f32x4.splat(0);
+    let i = g0;
+    // body: lanes hold experts i .. i+3
+    for (; i + 4 <= end; i += 4) {
+      const o = <usize>i << 2;
+      const s = passScore(kind, src, irow, S, o, sum);
+      const r = hasBias ? f32x4.add(s, v128.load(bias + o)) : s;
+      const k = hasBias || kind == PASS_POST ? v128.xor(r, v128.or(i32x4.shr_s(r, 31), SIGN_BIT())) : v128.or(r, SIGN_BIT());
+      nan = v128.or(nan, f32x4.ne(r, r));
+      v128.store(KEY + o, k);
+      if (track) {
+        m2 = i32x4.max_u(m2, i32x4.min_u(m1, k));
+        m1 = i32x4.max_u(m1, k);
+      }
+    }
+    // tail: the row's last, partial vector; lanes past E get KEY_OUT
+    if (i < end) {
+      const o = <usize>i << 2;
+      const inside = inRow(i, E);
+      const s = passScore(kind, src, irow, S, o, sum);
+      const r = hasBias ? f32x4.add(s, v128.load(bias + o)) : s;
+      const k = hasBias || kind == PASS_POST ? v128.xor(r, v128.or(i32x4.shr_s(r, 31), SIGN_BIT())) : v128.or(r, SIGN_BIT());
+      nan = v128.or(nan, v128.and(f32x4.ne(r, r), inside));
+      const kk = v128.and(k, inside);
+      v128.store(KEY + o, kk);
+      if (track) {
+        m2 = i32x4.max_u(m2, i32x4.min_u(m1, kk));
+        m1 = i32x4.max_u(m1, kk);
+      }
+    }
+    if (track) {
+      v128.store(TOPS + (<usize>g << 5), m1);
+      v128.store(TOPS + (<usize>g << 5), m2, 16);
+    }
+    g0 += gsize;
+  }
+  return v128.any_true(nan);
+}
+
+// Keys again, NaN case included, from the selection scores of the row
+// (R, plus bias when given), and the lane lists from them (rare: a token
+// with a NaN selection score).
+function fixKeys(R: usize, bias: usize, E: i32, KEY: usize, track: bool, ngroups: i32, gsize: i32, TOPS: usize): void {
+  const E4 = roundUp4(E);
+  for (let i = 0; i < E4; i += 4) {
+    const o = <usize>i << 2;
+    let r = v128.load(R + o);
+    if (bias) r = f32x4.add(r, v128.load(bias + o));
+    v128.store(KEY + o, vkey(r));
+  }
+  if (E & 3) {
+    const last = E4 - 4;
+    const p = KEY + (<usize>last << 2);
+    v128.store(p, v128.and(v128.load(p), inRow(last, E)));
+  }
+  if (!track) return;
+  for (let g = 0; g < ngroups; g++) {
+    const from = g * gsize;
+    laneTop2(KEY, from, min(from + gsize, E4), TOPS + (<usize>g << 5));
+  }
+}
+
+// ---- top-k forward: fast selection from the lane lists --------------------------------
+//
+// The fast naive path (see fastNaive) without a second look at every key:
+// the lane lists of the fused pass give the bound T0 (and, with groups, the
+// group scores); the keys >= T0 of the allowed experts are listed in index
+// order (typically K to 2K of them) and ordered by orderCandidates.
+
+// Group stage, 4 groups per vector (lane j: group b + j): group scores (the
+// sum of the top `per` keys' values, largest first) and bounds (the per-th
+// key), from the per-lane top-2 lists; then each group's rank (how many
+// groups beat it: a higher score, or an equal one at a lower index), the
+// kept groups (rank < GK) and T0, the smallest bound of a kept group.
+// GKEEP gets -1 (kept) or 0 per group. Needs TOPS zero-padded to G4 groups.
+function rankGroups(G: i32, GK: i32, per: i32, TOPS: usize, GKEY: usize, GBOUND: usize, GKEEP: usize): u32 {
+  for (let b = 0; b < G; b += 4) {
+    const T = TOPS + (<usize>b << 5);
+    // firsts of groups b .. b+3, as pairs of lanes (0, 2) and (1, 3): P the
+    // larger, L the smaller of each pair
+    const a0 = v128.load(T), a1 = v128.load(T, 32), a2 = v128.load(T, 64), a3 = v128.load(T, 96);
+    const t0 = i32x4.shuffle(a0, a1, 0, 4, 1, 5), t2 = i32x4.shuffle(a0, a1, 2, 6, 3, 7); // groups b, b+1
+    const t1 = i32x4.shuffle(a2, a3, 0, 4, 1, 5), t3 = i32x4.shuffle(a2, a3, 2, 6, 3, 7); // groups b+2, b+3
+    const p01 = i32x4.max_u(t0, t2), l01 = i32x4.min_u(t0, t2);
+    const p23 = i32x4.max_u(t1, t3), l23 = i32x4.min_u(t1, t3);
+    const pc = i32x4.shuffle(p01, p23, 0, 1, 4, 5), pd = i32x4.shuffle(p01, p23, 2, 3, 6, 7);
+    const top = i32x4.max_u(pc, pd);
+    let bound = top;
+    let sum = vfloatOfKey(top);
+    if (per == 2) {
+      const lc = i32x4.shuffle(l01, l23, 0, 1, 4, 5), ld = i32x4.shuffle(l01, l23, 2, 3, 6, 7);
+      // second of the firsts: the smaller winner of the two pairs, or the larger loser
+      const second = i32x4.max_u(i32x4.min_u(pc, pd), i32x4.max_u(lc, ld));
+      // largest of the seconds
+      const s0 = v128.load(T, 16), s1 = v128.load(T, 48), s2 = v128.load(T, 80), s3 = v128.load(T, 112);
+      const u01 = i32x4.max_u(i32x4.shuffle(s0, s1, 0, 4, 1, 5), i32x4.shuffle(s0, s1, 2, 6, 3, 7));
+      const u23 = i32x4.max_u(i32x4.shuffle(s2, s3, 0, 4, 1, 5), i32x4.shuffle(s2, s3, 2, 6, 3, 7));
+      const m2 = i32x4.max_u(i32x4.shuffle(u01, u23, 0, 1, 4, 5), i32x4.shuffle(u01, u23, 2, 3, 6, 7));
+      bound = i32x4.max_u(second, m2);
+      sum = f32x4.add(sum, vfloatOfKey(bound));
+    }
+    const o = <usize>b << 2;
+    v128.store(GKEY + o, v128.and(vkey(sum), inRow(b, G))); // groups past G: KEY_OUT
+    v128.store(GBOUND + o, bound);
+  }
+  // ranks, with keys as signed numbers (key ^ 0x80000000) for one-instruction compares
+  let t0 = i32x4.splat(-1);
+  const gk = i32x4.splat(GK);
+  for (let b = 0; b < G; b += 4) {
+    const o = <usize>b << 2;
+    const kb = v128.xor(v128.load(GKEY + o), SIGN_BIT());
+    const gi = i32x4.add(IOTA(), i32x4.splat(b));
+    let rank = i32x4.splat(0);
+    for (let h = 0; h < G; h++) {
+      const kh = i32x4.splat(load<i32>(GKEY + (<usize>h << 2)) ^ 0x80000000);
+      const beats = v128.or(i32x4.gt_s(kh, kb), v128.and(i32x4.eq(kh, kb), i32x4.gt_s(gi, i32x4.splat(h))));
+      rank = i32x4.sub(rank, beats);
+    }
+    const kept = v128.and(i32x4.lt_s(rank, gk), inRow(b, G));
+    v128.store(GKEEP + o, kept);
+    t0 = i32x4.min_u(t0, v128.or(v128.load(GBOUND + o), v128.not(kept)));
+  }
+  return hminU(t0);
+}
+
+// the selection score a key stands for, 4 lanes (see floatOfKey; KEY_NAN
+// gives some NaN, which only ever feeds a sum that is keyed again)
+@inline function vfloatOfKey(k: v128): v128 {
+  return v128.xor(k, v128.or(v128.not(i32x4.shr_s(k, 31)), SIGN_BIT()));
+}
+
+// Appends to CAND, in index order, the experts of [from, to) (multiples of
+// 4) whose key is >= T0; returns the new count.
+@inline function collectAbove(KEY: usize, from: i32, to: i32, T0: u32, CAND: usize, n: i32): i32 {
+  const t = i32x4.splat(T0);
+  let i = from;
+  // 16 keys a round: the 4 vectors' masks narrowed to one 16-bit mask (bit j: expert i + j)
+  for (; i + 16 <= to; i += 16) {
+    const p = KEY + (<usize>i << 2);
+    const v0 = v128.load(p), v1 = v128.load(p, 16), v2 = v128.load(p, 32), v3 = v128.load(p, 48);
+    const m01 = i16x8.narrow_i32x4_s(i32x4.eq(i32x4.max_u(v0, t), v0), i32x4.eq(i32x4.max_u(v1, t), v1));
+    const m23 = i16x8.narrow_i32x4_s(i32x4.eq(i32x4.max_u(v2, t), v2), i32x4.eq(i32x4.max_u(v3, t), v3));
+    let hits = i8x16.bitmask(i8x16.narrow_i16x8_s(m01, m23));
+    while (hits) {
+      store<i32>(CAND + (<usize>n << 2), i + ctz(hits));
+      n++;
+      hits &= hits - 1;
+    }
+  }
+  for (; i < to; i += 4) {
+    const v = v128.load(KEY + (<usize>i << 2));
+    // keys >= T0: max_u(v, t) == v
+    let hits = i32x4.bitmask(i32x4.eq(i32x4.max_u(v, t), v));
+    while (hits) {
+      store<i32>(CAND + (<usize>n << 2), i + ctz(hits));
+      n++;
+      hits &= hits - 1;
+    }
+  }
+  return n;
+}
+
+// The best K of the n candidates (experts listed in CAND, n >= K) into
+// CHOSEN, best first (key descending, ties by lower index). Up to 16
+// candidates: each one's rank is counted on 64-bit composites (key high,
+// 0x7fffffff - index low: one signed compare orders both), 8 or 16 at a
+// time; beyond 16 (many equal keys) the ordered insertion of insertTop.
+// COMP: 16 i64.
+function orderCandidates(KEY: usize, CAND: usize, n: i32, K: i32, COMP: usize, CHOSEN: usize): void {
+  if (n > 16) {
+    const CK = CHOSEN + (<usize>roundUp4(K) << 2);
+    for (let j = 0; j < K; j++) store<u32>(CK + (<usize>j << 2), KEY_OUT);
+    const last = CK + (<usize>(K - 1) << 2);
+    for (let j = 0; j < n; j++) {
+      const i = load<i32>(CAND + (<usize>j << 2));
+      const k = load<u32>(KEY + (<usize>i << 2));
+      if (k > load<u32>(last)) insertTop(CHOSEN, CK, K, i, k);
+    }
+    return;
+  }
+  for (let j = 0; j < n; j++) {
+    const i = load<i32>(CAND + (<usize>j << 2));
+    const k = load<u32>(KEY + (<usize>i << 2));
+    store<i64>(COMP + (<usize>j << 3), (<i64><i32>(k ^ 0x80000000) << 32) | <i64>(0x7fffffff - i));
+  }
+  for (let j = n; j < 16; j++) store<i64>(COMP + (<usize>j << 3), i64.MIN_VALUE);
+  const c0 = v128.load(COMP), c1 = v128.load(COMP, 16), c2 = v128.load(COMP, 32), c3 = v128.load(COMP, 48);
+  if (n <= 8) {
+    for (let j = 0; j < n; j++) {
+      const cj = i64x2.splat(load<i64>(COMP + (<usize>j << 3)));
+      const acc = i64x2.add(
+        i64x2.add(i64x2.gt_s(c0, cj), i64x2.gt_s(c1, cj)),
+        i64x2.add(i64x2.gt_s(c2, cj), i64x2.gt_s(c3, cj)),
+      );
+      const rank = -<i32>(i64x2.extract_lane(acc, 0) + i64x2.extract_lane(acc, 1));
+      if (rank < K) store<i32>(CHOSEN + (<usize>rank << 2), load<i32>(CAND + (<usize>j << 2)));
+    }
+    return;
+  }
+  const c4 = v128.load(COMP, 64), c5 = v128.load(COMP, 80), c6 = v128.load(COMP, 96), c7 = v128.load(COMP, 112);
+  for (let j = 0; j < n; j++) {
+    const cj = i64x2.splat(load<i64>(COMP + (<usize>j << 3)));
+    const acc = i64x2.add(
+      i64x2.add(i64x2.add(i64x2.gt_s(c0, cj), i64x2.gt_s(c1, cj)), i64x2.add(i64x2.gt_s(c2, cj), i64x2.gt_s(c3, cj))),
+      i64x2.add(i64x2.add(i64x2.gt_s(c4, cj), i64x2.gt_s(c5, cj)), i64x2.add(i64x2.gt_s(c6, cj), i64x2.gt_s(c7, cj))),
+    );
+    const rank = -<i32>(i64x2.extract_lane(acc, 0) + i64x2.extract_lane(acc, 1));
+    if (rank < K) store<i32>(CHOSEN + (<usize>rank << 2), load<i32>(CAND + (<usize>j << 2)));
+  }
+}
+
+// Fast naive top-K (see fastNaive) from the lane lists TOPS of the fused
+// pass: T0 from them (with groups: the group stage of rankGroups), the
+// candidates >= T0 of the allowed experts, then their order. Same set and
+// order as K rounds of arg-max. Scratch: GROUP (3 * G4 words), CAND (E4
+// words), COMP (16 i64).
+function selectFastTops(
+  KEY: usize, E: i32, K: i32, G: i32, GK: i32, TOPS: usize, CHOSEN: usize, GROUP: usize, CAND: usize, COMP: usize,
+): void {
+  let n = 0;
+  if (GK == 0) {
+    const T0 = K <= 4 ? hminU(v128.load(TOPS)) : hminU(v128.load(TOPS, 16));
+    // keys of pad lanes (KEY_OUT) are never candidates; every expert's key is >= KEY_NAN
+    n = collectAbove(KEY, 0, roundUp4(E), max(T0, KEY_NAN), CAND, 0);
+  } else {
+    const G4 = roundUp4(G);
+    for (let g = G; g < G4; g++) {
+      v128.store(TOPS + (<usize>g << 5), f32x4.splat(0));
+      v128.store(TOPS + (<usize>g << 5), f32x4.splat(0), 16);
+    }
+    const GBOUND = GROUP + (<usize>G4 << 2);
+    const GKEEP = GBOUND + (<usize>G4 << 2);
+    const T0 = rankGroups(G, GK, K / GK, TOPS, GROUP, GBOUND, GKEEP);
+    const size = E / G;
+    for (let g = 0; g < G; g++) {
+      if (load<i32>(GKEEP + (<usize>g << 2)) == 0) continue;
+      n = collectAbove(KEY, g * size, (g + 1) * size, T0, CAND, n);
+    }
+  }
+  orderCandidates(KEY, CAND, n, K, COMP, CHOSEN);
+}
+
 // ---- routing output ------------------------------------------------------------
 
 @inline function routeRowBytes(fmt: i32, E: i32, K: i32): i32 {
@@ -850,6 +1166,12 @@ function writeRoute(fmt: i32, E: i32, K: i32, CHOSEN: usize, out: usize): void {
         store<u8>(p, <u8>(<i32>load<u8>(p) | (<i32>1 << (e & 7))));
       }
     }
+    return;
+  }
+  if (fmt == ROUTE_I32) {
+    let k = 0;
+    for (; k + 4 <= K; k += 4) v128.store(out + (<usize>k << 2), v128.load(CHOSEN + (<usize>k << 2)));
+    for (; k < K; k++) store<i32>(out + (<usize>k << 2), load<i32>(CHOSEN + (<usize>k << 2)));
     return;
   }
   for (let k = 0; k < K; k++) {
@@ -906,12 +1228,20 @@ export function topkForward(
   const HIST = KEY + rowF; // radix histogram, or the naive selection's block maxima
   const CHOSEN = HIST + <usize>max(RADIX_BINS << 2, E16);
   const VAL = CHOSEN + (<usize>(2 * roundUp4(K)) << 2); // CHOSEN doubles as (index, key) pairs in limitGroups
-  const GROUP = VAL + (<usize>roundUp4(K) << 2);
-  const TOPV = GROUP + (<usize>(2 * roundUp4(G)) << 2); // K / GK vectors, then K / GK keys
+  const GROUP = VAL + (<usize>roundUp4(K) << 2); // 3 * G4 words
+  const TOPV = GROUP + (<usize>(3 * roundUp4(G)) << 2); // K / GK vectors, then K / GK keys
+  const CAND = TOPV + (<usize>(5 * roundUp4(K)) << 2); // E16 words
+  const TOPS = CAND + rowF + 64; // lane lists of the fused pass: 2 vectors per group
+  const COMP = TOPS + (<usize>roundUp4(max(G, 1)) << 5); // 16 i64
   const radix = K >= radixThreshold;
   const inB = <usize>dtBytes(dt);
   const routeB = <usize>routeRowBytes(fmt, E, K);
   const grouped = GK > 0;
+  // the fast selection starts from the fused pass's lane lists: one run per group, or the whole row
+  const track = !radix && fastNaive(E, K, G, GK);
+  const ngroups = grouped ? G : 1;
+  const gsize = grouped ? E / G : E4;
+  const zero = f32x4.splat(0);
 
   const softPost = fn == SCORE_SOFTMAX && !pre;
   for (let t = 0; t < T; t++) {
@@ -929,67 +1259,68 @@ export function topkForward(
     // cross the row end write into the next row's space (rewritten when that
     // row comes) or the slack; their pad lanes get KEY_OUT.
     let Sx = S;
-    if (fn == SCORE_SOFTMAX) {
-      // softmax: max, exp(x - max) and sum, then divide; post selects on x itself
-      if (pre) {
-        let mv = NEG_INF();
-        for (let i = 0; i < E4; i += 4) {
-          let x = v128.load(src + (<usize>i << 2));
-          if (i + 4 > E) x = v128.bitselect(x, NEG_INF(), inRow(i, E));
-          mv = f32x4.pmax(mv, x);
-        }
-        const m = f32x4.splat(hmax(mv));
-        let sv = f32x4.splat(0);
-        for (let i = 0; i < E4; i += 4) {
-          let x = v128.load(src + (<usize>i << 2));
-          if (i + 4 > E) x = v128.bitselect(x, NEG_INF(), inRow(i, E));
-          const e = vexp(f32x4.sub(x, m));
-          v128.store(irow + (<usize>i << 2), e);
-          sv = f32x4.add(sv, e);
-        }
-        const sum = f32x4.splat(hsum(sv));
-        for (let i = 0; i < E4; i += 4) {
-          const o = <usize>i << 2;
-          const s = f32x4.div(v128.load(irow + o), sum);
-          v128.store(irow + o, s);
-          v128.store(KEY + o, vkey(s));
-        }
-        Sx = irow;
-      } else {
-        for (let i = 0; i < E4; i += 4) v128.store(KEY + (<usize>i << 2), vkey(v128.load(src + (<usize>i << 2))));
-        Sx = src;
-      }
-    } else {
-      // sigmoid: the intermediate is s; sqrtsoftplus: it is x, and s goes to S
-      const sig = fn == SCORE_SIGMOID;
-      const Srow = sig ? irow : S;
+    let nan = false;
+    if (fn == SCORE_SOFTMAX && pre) {
+      // softmax: max, exp(x - max) and sum, then divide (in the keyed pass)
+      let mv = NEG_INF();
       for (let i = 0; i < E4; i += 4) {
-        const o = <usize>i << 2;
-        const x = v128.load(src + o);
-        let s: v128;
-        if (sig) {
-          s = vsigmoid(x);
-        } else {
-          s = vsqrtsoftplus(x);
-          v128.store(irow + o, x);
-        }
-        v128.store(Srow + o, s);
-        v128.store(KEY + o, vkey(bias ? f32x4.add(s, v128.load(bias + o)) : s));
+        let x = v128.load(src + (<usize>i << 2));
+        if (i + 4 > E) x = v128.bitselect(x, NEG_INF(), inRow(i, E));
+        mv = f32x4.pmax(mv, x);
       }
-      Sx = Srow;
+      const m = f32x4.splat(hmax(mv));
+      let sv = f32x4.splat(0);
+      for (let i = 0; i < E4; i += 4) {
+        let x = v128.load(src + (<usize>i << 2));
+        if (i + 4 > E) x = v128.bitselect(x, NEG_INF(), inRow(i, E));
+        const e = vexp(f32x4.sub(x, m));
+        v128.store(irow + (<usize>i << 2), e);
+        sv = f32x4.add(sv, e);
+      }
+      const sum = f32x4.splat(hsum(sv));
+      nan = track
+        ? fusedPass(PASS_PRE, false, true, src, E, irow, S, KEY, 0, sum, ngroups, gsize, TOPS)
+        : fusedPass(PASS_PRE, false, false, src, E, irow, S, KEY, 0, sum, 1, E4, TOPS);
+      Sx = irow;
+    } else if (fn == SCORE_SOFTMAX) {
+      // post: selection on x itself
+      nan = track
+        ? fusedPass(PASS_POST, false, true, src, E, irow, S, KEY, 0, zero, ngroups, gsize, TOPS)
+        : fusedPass(PASS_POST, false, false, src, E, irow, S, KEY, 0, zero, 1, E4, TOPS);
+      Sx = src;
+    } else if (fn == SCORE_SIGMOID) {
+      // sigmoid: the intermediate is s
+      if (bias) {
+        nan = track
+          ? fusedPass(PASS_SIGMOID, true, true, src, E, irow, S, KEY, bias, zero, ngroups, gsize, TOPS)
+          : fusedPass(PASS_SIGMOID, true, false, src, E, irow, S, KEY, bias, zero, 1, E4, TOPS);
+      } else {
+        nan = track
+          ? fusedPass(PASS_SIGMOID, false, true, src, E, irow, S, KEY, 0, zero, ngroups, gsize, TOPS)
+          : fusedPass(PASS_SIGMOID, false, false, src, E, irow, S, KEY, 0, zero, 1, E4, TOPS);
+      }
+      Sx = irow;
+    } else {
+      // sqrtsoftplus: the intermediate is x, s goes to S
+      if (bias) {
+        nan = track
+          ? fusedPass(PASS_SQRTSOFTPLUS, true, true, src, E, irow, S, KEY, bias, zero, ngroups, gsize, TOPS)
+          : fusedPass(PASS_SQRTSOFTPLUS, true, false, src, E, irow, S, KEY, bias, zero, 1, E4, TOPS);
+      } else {
+        nan = track
+          ? fusedPass(PASS_SQRTSOFTPLUS, false, true, src, E, irow, S, KEY, 0, zero, ngroups, gsize, TOPS)
+          : fusedPass(PASS_SQRTSOFTPLUS, false, false, src, E, irow, S, KEY, 0, zero, 1, E4, TOPS);
+      }
+      Sx = S;
     }
-    if (E & 3) {
-      const last = (E4 - 4);
-      const p = KEY + (<usize>last << 2);
-      v128.store(p, v128.and(v128.load(p), inRow(last, E)));
-    }
+    if (nan) fixKeys(Sx, fn == SCORE_SOFTMAX ? 0 : bias, E, KEY, track, ngroups, gsize, TOPS);
     for (let i = E4; i < E16; i += 4) v128.store(KEY + (<usize>i << 2), f32x4.splat(0));
     // select: group limit, then top-K (naive or radix: identical sets)
-    if (!radix && fastNaive(E, K, G, GK)) {
-      selectFast(KEY, E, K, G, GK, CHOSEN, GROUP, TOPV);
+    if (track) {
+      selectFastTops(KEY, E, K, G, GK, TOPS, CHOSEN, GROUP, CAND, COMP);
     } else {
       const built = grouped && limitGroups(KEY, E, K, G, GK, radix, CHOSEN, GROUP, TOPV, HIST);
-      selectTopK(KEY, E, K, radix, HIST, CHOSEN, built, TOPV + (<usize>(5 * roundUp4(K)) << 2), TOPV);
+      selectTopK(KEY, E, K, radix, HIST, CHOSEN, built, CAND, TOPV);
     }
 
     // post-process: values of the chosen experts
@@ -1003,9 +1334,13 @@ export function topkForward(
         store<f32>(VAL + (<usize>k << 2), v);
         sum += v;
       }
-      for (let k = 0; k < K; k++) store<f32>(VAL + (<usize>k << 2), load<f32>(VAL + (<usize>k << 2)) / sum);
+      const sv = f32x4.splat(sum);
+      for (let k = 0; k < K; k += 4) {
+        const p = VAL + (<usize>k << 2);
+        v128.store(p, f32x4.div(v128.load(p), sv));
+      }
     } else {
-      // the unbiased score, taken directly; sigmoid / sqrtsoftplus normalise when K > 1
+      // the unbiased score, taken directly (summed in selection order); sigmoid / sqrtsoftplus normalise when K > 1
       let sum: f32 = 0;
       for (let k = 0; k < K; k++) {
         const v = load<f32>(Sx + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2));
@@ -1013,15 +1348,31 @@ export function topkForward(
         sum += v;
       }
       if (fn != SCORE_SOFTMAX && K > 1) {
-        const d = sum + EPS;
-        for (let k = 0; k < K; k++) store<f32>(VAL + (<usize>k << 2), load<f32>(VAL + (<usize>k << 2)) / d);
+        const d = f32x4.splat(sum + EPS);
+        for (let k = 0; k < K; k += 4) {
+          const p = VAL + (<usize>k << 2);
+          v128.store(p, f32x4.div(v128.load(p), d));
+        }
       }
     }
 
-    // write: probs = c * v at the chosen experts, as (list, vals) pairs
+    // write: probs = c * v at the chosen experts, as (list, vals) pairs; whole
+    // vectors only within the token's K entries (the next token's may belong
+    // to another thread)
     const tk = <usize>t * <usize>K;
-    for (let k = 0; k < K; k++) {
-      store<i32>(list + ((tk + k) << 2), load<i32>(CHOSEN + (<usize>k << 2)));
+    const lrow = list + (tk << 2);
+    let k = 0;
+    if (dt == DT_F32) {
+      const vrow = vals + (tk << 2);
+      const c = f32x4.splat(scale);
+      for (; k + 4 <= K; k += 4) {
+        const o = <usize>k << 2;
+        v128.store(lrow + o, v128.load(CHOSEN + o));
+        v128.store(vrow + o, f32x4.mul(v128.load(VAL + o), c));
+      }
+    }
+    for (; k < K; k++) {
+      store<i32>(lrow + (<usize>k << 2), load<i32>(CHOSEN + (<usize>k << 2)));
       storeAs(vals + tk * inB, k, dt, load<f32>(VAL + (<usize>k << 2)) * scale);
     }
     // write: intermediate (post-softmax: -inf but at the chosen experts; the
@@ -1031,11 +1382,26 @@ export function topkForward(
       for (let k = 0; k < K; k++) store<f32>(irow + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2), load<f32>(VAL + (<usize>k << 2)));
     }
     writeRoute(fmt, E, K, CHOSEN, route + <usize>t * routeB);
-    // write: the intermediate at the chosen experts, ascending (KEY is free now)
-    const asc = list + (tk << 2);
-    ascending(asc, K, E, KEY, CHOSEN);
+    // write: the intermediate at the chosen experts, in ascending expert
+    // order: a bit set of the chosen over E (in KEY, free now), read out
+    // word by word
+    const nw = (E + 63) >> 6;
+    for (let w = 0; w < nw; w++) store<u64>(KEY + (<usize>w << 3), 0);
     for (let k = 0; k < K; k++) {
-      store<f32>(yasc + ((tk + k) << 2), load<f32>(irow + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2)));
+      const e = load<i32>(CHOSEN + (<usize>k << 2));
+      const p = KEY + (<usize>(e >> 6) << 3);
+      store<u64>(p, load<u64>(p) | (<u64>1 << <u64>(e & 63)));
+    }
+    const yrow = yasc + (tk << 2);
+    let c = 0;
+    for (let w = 0; w < nw; w++) {
+      let bits = load<u64>(KEY + (<usize>w << 3));
+      while (bits) {
+        const e = (w << 6) + <i32>ctz(bits);
+        store<f32>(yrow + (<usize>c << 2), load<f32>(irow + (<usize>e << 2)));
+        c++;
+        bits &= bits - 1;
+      }
     }
   }
 }

@@ -1,0 +1,47 @@
+/**
+ * The forward's shortened vector routines of the WebAssembly kernels give
+ * the same bits as the general ones they stand in for (wasm/assembly/
+ * router.ts: vexpNeg for vexp on x <= 0 and NaN, vsigmoidFast for vsigmoid),
+ * on a stride through every float32 bit pattern and the special values.
+ *
+ * @module
+ */
+import assert from "node:assert";
+import { assertBitIdentical } from "./_assert.ts";
+import { WasmBackend } from "../wasm/backend.ts";
+
+// mathCheck kinds (see mathCheck in wasm/assembly/router.ts)
+const EXP = 0, SIGMOID = 2, EXP_NEG = 4, SIGMOID_FAST = 5;
+
+function inputs(filter: (bits: number) => boolean): Float32Array {
+  const bits: number[] = [];
+  // a stride through all 2^32 patterns (odd, so every exponent and many mantissas come up)
+  for (let b = 0; b < 2 ** 32; b += 65521) if (filter(b)) bits.push(b);
+  // edges: zeros, infinities, NaNs with payloads, subnormals, the clamp and subnormal-result boundaries
+  const f = new Float32Array(1);
+  const u = new Uint32Array(f.buffer);
+  for (const x of [0, -0, Infinity, -Infinity, -104, -103.97, -87.33, -87.34, -88.72, -100, -150, -1e-45, -1, -0.5]) {
+    f[0] = x;
+    if (filter(u[0] as number)) bits.push(u[0] as number);
+  }
+  for (const b of [0x7f800001, 0x7fc00000, 0x7fffffff, 0xff800001, 0xffc00000, 0xffffffff, 0x00000001, 0x807fffff]) {
+    if (filter(b)) bits.push(b);
+  }
+  return new Float32Array(new Uint32Array(bits).buffer);
+}
+
+Deno.test("the forward's exp of x <= 0 gives the bits of the general exp, NaN included", async () => {
+  const b = await WasmBackend.create({ threads: 1 });
+  const negative = (bits: number) => bits >= 0x80000000 || bits === 0 || (bits & 0x7fffffff) > 0x7f800000;
+  const xs = inputs(negative);
+  assert.ok(xs.length > 30000, `${xs.length} inputs`);
+  assertBitIdentical(b.mathCheck(EXP_NEG, xs), b.mathCheck(EXP, xs), "exp of x <= 0");
+  b.dispose();
+});
+
+Deno.test("the forward's sigmoid gives the bits of the general sigmoid for every kind of input", async () => {
+  const b = await WasmBackend.create({ threads: 1 });
+  const xs = inputs(() => true);
+  assertBitIdentical(b.mathCheck(SIGMOID_FAST, xs), b.mathCheck(SIGMOID, xs), "sigmoid");
+  b.dispose();
+});

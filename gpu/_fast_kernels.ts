@@ -138,6 +138,39 @@ function each(n: number, f: (i: number) => string, sep = "\n"): string {
   return Array.from({ length: n }, (_, i) => f(i)).join(sep);
 }
 
+/** Element type of a float buffer read or written a quad (4 experts) at a time. */
+function quadElem(dt: FloatDType): string {
+  return dt === "float32" ? "vec4<u32>" : "vec2<u32>";
+}
+
+// WGSL of `load(q)`, the quad q of buffer `src` widened to f32, and of
+// `store(q, v)`, v narrowed into quad q of buffer `dst` (16-bit dtypes by bit
+// manipulation, rounding as on the CPU)
+function quadFns(dt: FloatDType, load: string, src: string, store: string, dst: string): string {
+  if (dt === "float32") {
+    return `fn ${load}(q: u32) -> vec4<f32> { return bitcast<vec4<f32>>(${src}[q]); }
+fn ${store}(q: u32, v: vec4<f32>) { ${dst}[q] = bitcast<vec4<u32>>(v); }`;
+  }
+  const widen = (h: string) => dt === "float16" ? `f16ToF32(${h})` : `bitcast<f32>((${h}) << 16u)`;
+  const narrow = (v: string) => dt === "float16" ? `f32ToF16(${v})` : `f32ToBf16(${v})`;
+  return `fn ${load}(q: u32) -> vec4<f32> {
+  let w = ${src}[q];
+  return vec4<f32>(${widen("w.x & 0xffffu")}, ${widen("w.x >> 16u")}, ${widen("w.y & 0xffffu")}, ${
+    widen("w.y >> 16u")
+  });
+}
+fn ${store}(q: u32, v: vec4<f32>) {
+  ${dst}[q] = vec2<u32>(${narrow("v.x")} | (${narrow("v.y")} << 16u), ${narrow("v.z")} | (${narrow("v.w")} << 16u));
+}`;
+}
+
+// WGSL constants of a specialised kernel
+function constsOf(values: Record<string, number>): string {
+  return `const NONE: u32 = 0xffffffffu;\n${
+    Object.entries(values).map(([n, v]) => `const ${n}: u32 = ${v}u;`).join("\n")
+  }`;
+}
+
 /** The fast forward kernel for a key. */
 export function fastForwardKernel(k: FastForwardKey): KernelSource {
   const { E, K, tpr: TPR, wg: WG, G, GK, score, pre, dt } = k;
@@ -151,20 +184,14 @@ export function fastForwardKernel(k: FastForwardKey): KernelSource {
   const per = grouped ? K / GK : 0;
   const softmax = score === "softmax";
   const post = softmax && !pre;
-  const wide = dt === "float32";
   const storage: StorageBinding[] = [
-    { name: "logits", elem: wide ? "vec4<u32>" : "vec2<u32>", access: "read" },
-    { name: "probs", elem: wide ? "vec4<u32>" : "vec2<u32>", access: "read_write" },
+    { name: "logits", elem: quadElem(dt), access: "read" },
+    { name: "probs", elem: quadElem(dt), access: "read_write" },
     { name: "inter", elem: "vec4<f32>", access: "read_write" },
     { name: "route", elem: "u32", access: "read_write" },
     { name: "bias", elem: "u32", access: "read" },
   ];
 
-  const half = (w: string) =>
-    dt === "float16"
-      ? `vec4<f32>(f16ToF32(${w}.x & 0xffffu), f16ToF32(${w}.x >> 16u), f16ToF32(${w}.y & 0xffffu), f16ToF32(${w}.y >> 16u))`
-      : `vec4<f32>(bitcast<f32>(${w}.x << 16u), bitcast<f32>(${w}.x & 0xffff0000u), bitcast<f32>(${w}.y << 16u), bitcast<f32>(${w}.y & 0xffff0000u))`;
-  const toHalf = (v: string) => dt === "float16" ? `f32ToF16(${v})` : `f32ToBf16(${v})`;
   let biasFn = "fn biasAt(e: u32) -> f32 { return 0.0; }";
   if (k.bias === "float32") biasFn = "fn biasAt(e: u32) -> f32 { return bitcast<f32>(bias[e]); }";
   else if (k.bias !== null) {
@@ -175,13 +202,7 @@ export function fastForwardKernel(k: FastForwardKey): KernelSource {
   }
 
   let helpers = /* wgsl */ `${MATH_WGSL}
-const NONE: u32 = 0xffffffffu;
-const E: u32 = ${E}u;
-const K: u32 = ${K}u;
-const TPR: u32 = ${TPR}u;
-const C: u32 = ${C}u;
-const Q: u32 = ${Q}u;
-const RPW: u32 = ${RPW}u;
+${constsOf({ E, K, TPR, C, Q, RPW })}
 var<workgroup> rst: array<atomic<u32>, ${SW}>;
 ${TPR > 1 && !k.radix ? `var<workgroup> slot: array<u32, ${WG * 2 * K}>;` : ""}
 ${
@@ -197,21 +218,10 @@ var<workgroup> ranked: array<u32, ${RPW * 2 * K}>;`
 ${grouped ? `var<workgroup> gsc: array<u32, ${RPW * G}>;` : ""}
 ${pre ? `var<workgroup> red: array<f32, ${WG}>;` : ""}
 
-// the four logits of quad q (experts 4q .. 4q + 3 of the batch), widened
-fn quadX(q: u32) -> vec4<f32> {
-  ${wide ? "return bitcast<vec4<f32>>(logits[q]);" : `let w = logits[q];\n  return ${half("w")};`}
-}
+// quadX(q): the four logits of quad q (experts 4q .. 4q + 3 of the batch), widened; storeProbs(q, v)
+${quadFns(dt, "quadX", "logits", "storeProbs", "probs")}
 fn xAt(i: u32) -> f32 { return quadX(i >> 2u)[i & 3u]; }
 ${biasFn}
-fn storeProbs(q: u32, v: vec4<f32>) {
-  ${
-    wide
-      ? "probs[q] = bitcast<vec4<u32>>(v);"
-      : `probs[q] = vec2<u32>(${toHalf("v.x")} | (${toHalf("v.y")} << 16u), ${toHalf("v.z")} | (${
-        toHalf("v.w")
-      } << 16u));`
-  }
-}
 // does (ak, ai) rank above (bk, bi)? key descending, then index ascending
 fn beats(ak: u32, ai: u32, bk: u32, bi: u32) -> bool { return ak > bk || (ak == bk && ai < bi); }
 ${
@@ -681,39 +691,17 @@ export function fastBackwardKernel(k: FastBackwardKey): KernelSource {
   const C = E / TPR;
   const Q = C / 4;
   const RPW = WG / TPR;
-  const wide = dt === "float32";
   const softmax = score === "softmax";
   const storage: StorageBinding[] = [
-    { name: "grad", elem: wide ? "vec4<u32>" : "vec2<u32>", access: "read" },
+    { name: "grad", elem: quadElem(dt), access: "read" },
     { name: "inter", elem: "vec4<f32>", access: "read" },
     { name: "route", elem: "u32", access: "read" },
-    { name: "out", elem: wide ? "vec4<u32>" : "vec2<u32>", access: "read_write" },
+    { name: "out", elem: quadElem(dt), access: "read_write" },
   ];
-  const half = (w: string) =>
-    dt === "float16"
-      ? `vec4<f32>(f16ToF32(${w}.x & 0xffffu), f16ToF32(${w}.x >> 16u), f16ToF32(${w}.y & 0xffffu), f16ToF32(${w}.y >> 16u))`
-      : `vec4<f32>(bitcast<f32>(${w}.x << 16u), bitcast<f32>(${w}.x & 0xffff0000u), bitcast<f32>(${w}.y << 16u), bitcast<f32>(${w}.y & 0xffff0000u))`;
-  const toHalf = (v: string) => dt === "float16" ? `f32ToF16(${v})` : `f32ToBf16(${v})`;
   const helpers = /* wgsl */ `${MATH_WGSL}
-const NONE: u32 = 0xffffffffu;
-const E: u32 = ${E}u;
-const K: u32 = ${K}u;
-const TPR: u32 = ${TPR}u;
-const C: u32 = ${C}u;
-const RPW: u32 = ${RPW}u;
+${constsOf({ E, K, TPR, C, RPW })}
 var<workgroup> red: array<vec2<f32>, ${WG}>;
-fn gradQuad(q: u32) -> vec4<f32> {
-  ${wide ? "return bitcast<vec4<f32>>(grad[q]);" : `let w = grad[q];\n  return ${half("w")};`}
-}
-fn storeOut(q: u32, v: vec4<f32>) {
-  ${
-    wide
-      ? "out[q] = bitcast<vec4<u32>>(v);"
-      : `out[q] = vec2<u32>(${toHalf("v.x")} | (${toHalf("v.y")} << 16u), ${toHalf("v.z")} | (${
-        toHalf("v.w")
-      } << 16u));`
-  }
-}
+${quadFns(dt, "gradQuad", "grad", "storeOut", "out")}
 // the lane's chosen experts as bits (bit i: expert e0 + i) from the routing
 // output (P.fmt: 0 bytemap, 1 bitmap_u8, 2 int16, 3 int32, 4 int64)
 fn chosenBits(t: u32, e0: u32) -> u32 {

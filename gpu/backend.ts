@@ -614,27 +614,47 @@ export class WebGpuBackend implements Backend {
     bufs: { logits: GPUBuffer; probs: GPUBuffer; inter: GPUBuffer; route: GPUBuffer; bias: BiasBuffer | null },
     rowBytes: number[],
   ): Dispatch[] {
-    const compiled = pipelineFor(this.device, key, fastForwardKernel);
-    const rpw = fastRowsPerWorkgroup(key);
-    const rows = this.#rowsPerDispatch(n, rowBytes, "webgpu forward", 1, rpw * this.#maxGrid * this.#maxGrid);
     const { E } = plan;
+    const bias = bufs.bias
+      ? { buffer: bufs.bias.buffer, offset: 0, size: align4(E * BYTES_OF[bufs.bias.dtype]) }
+      : this.#dummy();
+    return this.#rowDispatches(
+      pipelineFor(this.device, key, fastForwardKernel),
+      fastRowsPerWorkgroup(key),
+      n,
+      "webgpu forward",
+      [[bufs.logits, rowBytes[0]!], [bufs.probs, rowBytes[1]!], [bufs.inter, E * 4], [bufs.route, rowBytes[3]!]],
+      [bias],
+      { scale: plan.scale, fmt: FMT_CODE[plan.route], rb: rowBytes[3]! },
+    );
+  }
+
+  // Dispatches of a kernel that routes `rpw` rows a workgroup over n rows:
+  // as many rows a dispatch as the binding and grid limits allow; `rowed`
+  // bindings are regions of [buffer, bytes a row], `whole` ones follow them;
+  // the uniforms get the dispatch's row count T.
+  #rowDispatches(
+    compiled: Compiled,
+    rpw: number,
+    n: number,
+    what: string,
+    rowed: [GPUBuffer, number][],
+    whole: Bound[],
+    uniforms: UniformValues,
+  ): Dispatch[] {
+    const rowBytes = rowed.map(([, rb]) => rb);
+    const rows = this.#rowsPerDispatch(n, rowBytes, what, 1, rpw * this.#maxGrid * this.#maxGrid);
     const out: Dispatch[] = [];
     for (let t0 = 0; t0 < n; t0 += rows) {
       const m = Math.min(rows, n - t0);
-      const region = (buffer: GPUBuffer, rb: number): Bound => ({ buffer, offset: t0 * rb, size: align4(m * rb) });
       out.push({
         compiled,
         workgroups: Math.ceil(m / rpw),
         bindings: [
-          region(bufs.logits, rowBytes[0]!),
-          region(bufs.probs, rowBytes[1]!),
-          region(bufs.inter, E * 4),
-          region(bufs.route, rowBytes[3]!),
-          bufs.bias
-            ? { buffer: bufs.bias.buffer, offset: 0, size: align4(E * BYTES_OF[bufs.bias.dtype]) }
-            : this.#dummy(),
+          ...rowed.map(([buffer, rb]): Bound => ({ buffer, offset: t0 * rb, size: Math.max(4, align4(m * rb)) })),
+          ...whole,
         ],
-        uniforms: { T: m, scale: plan.scale, fmt: FMT_CODE[plan.route], rb: rowBytes[3]! },
+        uniforms: { ...uniforms, T: m },
       });
     }
     return out;
@@ -809,29 +829,17 @@ export class WebGpuBackend implements Backend {
     bufs: { grad: GPUBuffer; inter: GPUBuffer; route: GPUBuffer; out: GPUBuffer },
   ): Dispatch[] {
     const { E, K, dtype, route } = plan;
-    const compiled = pipelineFor(this.device, key, fastBackwardKernel);
-    const rpw = fastBackwardRowsPerWorkgroup(key);
     const outB = BYTES_OF[dtype];
     const rB = routeRowBytes(route, E, K);
-    const rowBytes = [E * outB, E * 4, rB, E * outB];
-    const rows = this.#rowsPerDispatch(n, rowBytes, "webgpu backward", 1, rpw * this.#maxGrid * this.#maxGrid);
-    const out: Dispatch[] = [];
-    for (let t0 = 0; t0 < n; t0 += rows) {
-      const m = Math.min(rows, n - t0);
-      const region = (buffer: GPUBuffer, rb: number): Bound => ({ buffer, offset: t0 * rb, size: align4(m * rb) });
-      out.push({
-        compiled,
-        workgroups: Math.ceil(m / rpw),
-        bindings: [
-          region(bufs.grad, E * outB),
-          region(bufs.inter, E * 4),
-          region(bufs.route, rB),
-          region(bufs.out, E * outB),
-        ],
-        uniforms: { T: m, scale: plan.scale, fmt: FMT_CODE[route], rb: rB },
-      });
-    }
-    return out;
+    return this.#rowDispatches(
+      pipelineFor(this.device, key, fastBackwardKernel),
+      fastBackwardRowsPerWorkgroup(key),
+      n,
+      "webgpu backward",
+      [[bufs.grad, E * outB], [bufs.inter, E * 4], [bufs.route, rB], [bufs.out, E * outB]],
+      [],
+      { scale: plan.scale, fmt: FMT_CODE[route], rb: rB },
+    );
   }
 
   async topkBackward(plan: TopkPlan, payload: unknown, grad: FloatTensor): Promise<FloatTensor["data"]> {

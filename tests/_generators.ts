@@ -6,8 +6,8 @@
  * @module
  */
 
-import type { FloatDType } from "../_types.ts";
-import { roundTo, routeToken } from "./reference.ts";
+import type { FloatDType, FloatTensor, TopkOptions } from "../_types.ts";
+import { narrowTo, roundTo, routeToken, widen } from "./reference.ts";
 import type { RefTopkOptions } from "./reference.ts";
 
 /** A PRNG: returns uniform numbers in [0, 1). */
@@ -130,4 +130,40 @@ export function routableLogits(
     }
   }
   return logits;
+}
+
+/** The cases of the cross-backend tests: a batch shape, its dtype and its router options. */
+export interface CrossCase {
+  T: number;
+  E: number;
+  dtype: FloatDType;
+  options: TopkOptions;
+}
+
+/** Tolerances of values and gradients between two backends, by dtype. */
+export const CROSS_TOLERANCE = {
+  float32: { atol: 1e-5, rtol: 1e-4 },
+  float16: { atol: 2e-3, rtol: 2e-3 },
+  bfloat16: { atol: 1.6e-2, rtol: 1.6e-2 },
+} as const;
+
+/** Routable logits of a case as a tensor of its dtype ({@linkcode routableLogits}, scale 2). */
+export function routableTensor(c: CrossCase, seed: number): FloatTensor {
+  const ref: RefTopkOptions = {
+    topk: c.options.topk,
+    scoreFunction: c.options.scoreFunction,
+    usePreSoftmax: c.options.usePreSoftmax,
+    numGroups: c.options.numGroups,
+    groupTopk: c.options.groupTopk,
+    expertBias: c.options.expertBias && widen(c.options.expertBias),
+  };
+  const x = routableLogits(mulberry32(seed), c.T, c.E, ref, { dtype: c.dtype, scale: 2 });
+  return { data: narrowTo(x, c.dtype), shape: [c.T, c.E], dtype: c.dtype } as FloatTensor;
+}
+
+/** Gradients of a case: uniform in [-0.5, 0.5), as a tensor of its dtype. */
+export function gradTensor(c: CrossCase, seed: number): FloatTensor {
+  const r = mulberry32(seed);
+  const g = Float32Array.from({ length: c.T * c.E }, () => r() - 0.5);
+  return { data: narrowTo(g, c.dtype), shape: [c.T, c.E], dtype: c.dtype } as FloatTensor;
 }

@@ -3,21 +3,16 @@
 // and GPU-resident paths in agreement, limits crossed, errors before GPU work.
 import assert from "node:assert";
 import { createRouter, readGpuTensor, toGpuTensor } from "../mod.ts";
-import type { FloatDType, FloatTensor, TopkOptions } from "../mod.ts";
+import type { FloatTensor } from "../mod.ts";
 import { WebGpuBackend } from "../gpu/backend.ts";
 import { planTopk } from "../_validate.ts";
 import { assertArrayEqual, assertBitIdentical, assertClose } from "./_assert.ts";
-import { mulberry32, routableLogits } from "./_generators.ts";
-import { narrowTo, widen } from "./reference.ts";
+import { CROSS_TOLERANCE, type CrossCase, gradTensor, mulberry32, routableTensor } from "./_generators.ts";
+import { widen } from "./reference.ts";
 
 const hasGpu = (await navigator.gpu?.requestAdapter()) != null;
 
-interface GridCase {
-  T: number;
-  E: number;
-  dtype: FloatDType;
-  options: TopkOptions;
-}
+type GridCase = CrossCase;
 
 function biasOf(E: number, seed: number): FloatTensor {
   const r = mulberry32(seed);
@@ -42,31 +37,6 @@ const GRID: GridCase[] = [
   { T: 5, E: 1000, dtype: "float16", options: { topk: 40, scoreFunction: "sigmoid", numGroups: 8, groupTopk: 4 } },
 ];
 
-function logitsOf(c: GridCase, seed: number): FloatTensor {
-  const ref = {
-    topk: c.options.topk,
-    scoreFunction: c.options.scoreFunction,
-    usePreSoftmax: c.options.usePreSoftmax,
-    numGroups: c.options.numGroups,
-    groupTopk: c.options.groupTopk,
-    expertBias: c.options.expertBias?.data as Float32Array | undefined,
-  };
-  const x = routableLogits(mulberry32(seed), c.T, c.E, ref, { dtype: c.dtype, scale: 2 });
-  return { data: narrowTo(x, c.dtype), shape: [c.T, c.E], dtype: c.dtype } as FloatTensor;
-}
-
-function gradOf(c: GridCase, seed: number): FloatTensor {
-  const r = mulberry32(seed);
-  const g = Float32Array.from({ length: c.T * c.E }, () => r() - 0.5);
-  return { data: narrowTo(g, c.dtype), shape: [c.T, c.E], dtype: c.dtype } as FloatTensor;
-}
-
-const TOL = {
-  float32: { atol: 1e-5, rtol: 1e-4 },
-  float16: { atol: 2e-3, rtol: 2e-3 },
-  bfloat16: { atol: 1.6e-2, rtol: 1.6e-2 },
-};
-
 Deno.test({
   name: "the webgpu backend chooses the same experts as wasm and agrees on values and gradients",
   ignore: !hasGpu,
@@ -78,9 +48,9 @@ Deno.test({
         await t.step(
           `T=${c.T} E=${c.E} ${c.dtype} ${JSON.stringify({ ...c.options, expertBias: c.options.expertBias && "[E]" })}`,
           async () => {
-            const logits = logitsOf(c, 100 + n);
-            const grad = gradOf(c, 200 + n);
-            const tol = TOL[c.dtype];
+            const logits = routableTensor(c, 100 + n);
+            const grad = gradTensor(c, 200 + n);
+            const tol = CROSS_TOLERANCE[c.dtype];
             for (const out of [{}, { routingMapFormat: "bitmap_u8" as const }, { indexDtype: "int32" as const }]) {
               for (const radixTopkThreshold of [1, 1000]) {
                 const o = { ...c.options, ...out, radixTopkThreshold };
@@ -120,8 +90,8 @@ Deno.test({
     try {
       for (const [n, c] of [GRID[0]!, GRID[1]!, GRID[2]!, GRID[4]!].entries()) {
         await t.step(`T=${c.T} E=${c.E} ${c.dtype} topk=${c.options.topk}`, async () => {
-          const logits = logitsOf(c, 7 + n);
-          const grad = gradOf(c, 8 + n);
+          const logits = routableTensor(c, 7 + n);
+          const grad = gradTensor(c, 8 + n);
           const bias = c.options.expertBias;
           for (const out of [{}, { routingMapFormat: "bitmap_u8" as const }, { indexDtype: "int64" as const }]) {
             const options = { ...c.options, ...out };
@@ -249,8 +219,8 @@ Deno.test({
     try {
       for (const c of [GRID[0]!, GRID[2]!]) {
         const cc = { ...c, T: 1000 };
-        const logits = logitsOf(cc, 11);
-        const grad = gradOf(cc, 12);
+        const logits = routableTensor(cc, 11);
+        const grad = gradTensor(cc, 12);
         for (const out of [{}, { indexDtype: "int16" as const }]) {
           const plan = planTopk(logits, { ...c.options, ...out });
           const a = await small.topkForward(plan, logits);

@@ -9,16 +9,12 @@ import type { FloatDType, FloatTensor, IndexDType, RoutingMapFormat, TopkOptions
 import { planTopk } from "../_validate.ts";
 import { fastBackwardKey, fastForwardKey } from "../gpu/_fast_kernels.ts";
 import { assertArrayEqual, assertBitIdentical, assertClose } from "./_assert.ts";
-import { mulberry32, routableLogits } from "./_generators.ts";
+import { CROSS_TOLERANCE, type CrossCase, gradTensor, mulberry32, routableTensor } from "./_generators.ts";
 import { narrowTo, widen } from "./reference.ts";
 
 const hasGpu = (await navigator.gpu?.requestAdapter()) != null;
 
-interface Case {
-  T: number;
-  E: number;
-  dtype: FloatDType;
-  options: TopkOptions;
+interface Case extends CrossCase {
   /** Lanes per row the fast kernel must pick (checks that the case exercises what it claims). */
   tpr: number;
 }
@@ -112,25 +108,6 @@ const OUTPUTS: ({ routingMapFormat: RoutingMapFormat } | { indexDtype: IndexDTyp
   { indexDtype: "int64" },
 ];
 
-const TOL = {
-  float32: { atol: 1e-5, rtol: 1e-4 },
-  float16: { atol: 2e-3, rtol: 2e-3 },
-  bfloat16: { atol: 1.6e-2, rtol: 1.6e-2 },
-};
-
-function logitsOf(c: Case, seed: number): FloatTensor {
-  const ref = {
-    topk: c.options.topk,
-    scoreFunction: c.options.scoreFunction,
-    usePreSoftmax: c.options.usePreSoftmax,
-    numGroups: c.options.numGroups,
-    groupTopk: c.options.groupTopk,
-    expertBias: c.options.expertBias && widen(c.options.expertBias),
-  };
-  const x = routableLogits(mulberry32(seed), c.T, c.E, ref, { dtype: c.dtype, scale: 2 });
-  return { data: narrowTo(x, c.dtype), shape: [c.T, c.E], dtype: c.dtype } as FloatTensor;
-}
-
 // logits from a few values only, so that many experts tie exactly, with NaN
 // and infinities sprinkled in: the tie rule and the NaN rule decide
 function tiedLogitsOf(c: Case, seed: number): FloatTensor {
@@ -141,12 +118,6 @@ function tiedLogitsOf(c: Case, seed: number): FloatTensor {
     () => r() < 0.03 ? special[Math.floor(r() * 3)]! : Math.floor(r() * 5) / 2 - 1,
   );
   return { data: narrowTo(x, c.dtype), shape: [c.T, c.E], dtype: c.dtype } as FloatTensor;
-}
-
-function gradOf(c: Case, seed: number): FloatTensor {
-  const r = mulberry32(seed);
-  const g = Float32Array.from({ length: c.T * c.E }, () => r() - 0.5);
-  return { data: narrowTo(g, c.dtype), shape: [c.T, c.E], dtype: c.dtype } as FloatTensor;
 }
 
 function sameRoute(
@@ -171,15 +142,18 @@ Deno.test({
           JSON.stringify({ ...c.options, expertBias: c.options.expertBias && c.options.expertBias.dtype })
         }`;
         await t.step(name, async () => {
-          const tol = TOL[c.dtype];
-          const key = fastForwardKey(planTopk(logitsOf(c, 1), c.options));
+          const tol = CROSS_TOLERANCE[c.dtype];
+          const key = fastForwardKey(planTopk(routableTensor(c, 1), c.options));
           assert.ok(key !== null, "the case takes the specialised kernel");
           assert.strictEqual(key.tpr, c.tpr, "lanes per row");
-          const backwardKey = fastBackwardKey(planTopk(logitsOf(c, 1), c.options));
+          const backwardKey = fastBackwardKey(planTopk(routableTensor(c, 1), c.options));
           assert.ok(backwardKey !== null || c.E > 512, "the backward takes the specialised kernel up to E = 512");
-          const grad = gradOf(c, 30 + n);
+          const grad = gradTensor(c, 30 + n);
           for (
-            const [kind, logits] of [["routable", logitsOf(c, 10 + n)], ["ties", tiedLogitsOf(c, 20 + n)]] as const
+            const [kind, logits] of [["routable", routableTensor(c, 10 + n)], [
+              "ties",
+              tiedLogitsOf(c, 20 + n),
+            ]] as const
           ) {
             let firstGrad: Float32Array | null = null;
             for (const out of OUTPUTS) {
@@ -222,7 +196,7 @@ Deno.test({
     const split = await createRouter({ backend: "webgpu", webgpu: { maxBindingBytes: 16384 } });
     try {
       const c = CASES[0]!;
-      const logits = logitsOf({ ...c, T: 77 }, 5);
+      const logits = routableTensor({ ...c, T: 77 }, 5);
       for (const out of OUTPUTS) {
         const o = { ...c.options, ...out };
         const a = await whole.fusedTopkWithScoreFunction(logits, o);

@@ -1145,6 +1145,41 @@ function selectFastTops(
   orderCandidates(KEY, CAND, n, K, COMP, CHOSEN);
 }
 
+// ---- top-k forward: small rows ---------------------------------------------------
+//
+// Up to SMALL_E experts without groups (Mixtral: 8, top-2), the filter's
+// data-dependent branches (a hit loop per vector, an insertion per
+// candidate) mispredict about once per candidate, which costs more than the
+// whole score pass. Instead each expert's rank (how many experts beat it: a
+// larger key, or an equal key at a lower index) is counted branch-free, E
+// compares per vector of 4, and the experts are placed by rank: the same set
+// and order as K rounds of arg-max.
+
+const SMALL_E: i32 = 16;
+
+// Top K of KEY[0, E) into CHOSEN, best first. RANKED: E4 words (every
+// expert by rank; pad lanes, whose key KEY_OUT every expert beats, all go
+// to RANKED[E]: the pad lanes exist only when E < E4).
+function selectSmall(KEY: usize, E: i32, K: i32, RANKED: usize, CHOSEN: usize): void {
+  const E4 = roundUp4(E);
+  for (let b = 0; b < E4; b += 4) {
+    // keys as signed numbers (key ^ 0x80000000) for one-instruction compares
+    const kb = v128.xor(v128.load(KEY + (<usize>b << 2)), SIGN_BIT());
+    const ib = i32x4.add(IOTA(), i32x4.splat(b));
+    let rank = i32x4.splat(0);
+    for (let j = 0; j < E; j++) {
+      const kj = i32x4.splat(load<i32>(KEY + (<usize>j << 2)) ^ 0x80000000);
+      const beats = v128.or(i32x4.gt_s(kj, kb), v128.and(i32x4.eq(kj, kb), i32x4.gt_s(ib, i32x4.splat(j))));
+      rank = i32x4.sub(rank, beats);
+    }
+    store<i32>(RANKED + (<usize>i32x4.extract_lane(rank, 0) << 2), b);
+    store<i32>(RANKED + (<usize>i32x4.extract_lane(rank, 1) << 2), b + 1);
+    store<i32>(RANKED + (<usize>i32x4.extract_lane(rank, 2) << 2), b + 2);
+    store<i32>(RANKED + (<usize>i32x4.extract_lane(rank, 3) << 2), b + 3);
+  }
+  for (let k = 0; k < K; k++) store<i32>(CHOSEN + (<usize>k << 2), load<i32>(RANKED + (<usize>k << 2)));
+}
+
 // ---- routing output ------------------------------------------------------------
 
 @inline function routeRowBytes(fmt: i32, E: i32, K: i32): i32 {
@@ -1157,7 +1192,16 @@ function selectFastTops(
 
 function writeRoute(fmt: i32, E: i32, K: i32, CHOSEN: usize, out: usize): void {
   if (fmt == ROUTE_BYTEMAP || fmt == ROUTE_BITMAP) {
-    memory.fill(out, 0, <usize>routeRowBytes(fmt, E, K));
+    // short rows: plain stores (memory.fill is a call into the engine, a
+    // fixed cost per token that dominates at small E)
+    const n = <usize>routeRowBytes(fmt, E, K);
+    if (n <= 64) {
+      let i: usize = 0;
+      for (; i + 8 <= n; i += 8) store<u64>(out + i, 0);
+      for (; i < n; i++) store<u8>(out + i, 0);
+    } else {
+      memory.fill(out, 0, n);
+    }
     for (let k = 0; k < K; k++) {
       const e = load<i32>(CHOSEN + (<usize>k << 2));
       if (fmt == ROUTE_BYTEMAP) store<u8>(out + <usize>e, 1);
@@ -1239,6 +1283,8 @@ export function topkForward(
   const grouped = GK > 0;
   // the fast selection starts from the fused pass's lane lists: one run per group, or the whole row
   const track = !radix && fastNaive(E, K, G, GK);
+  // small rows without groups: ranks counted branch-free (see selectSmall)
+  const small = track && !grouped && E <= SMALL_E;
   const ngroups = grouped ? G : 1;
   const gsize = grouped ? E / G : E4;
   const zero = f32x4.splat(0);
@@ -1316,7 +1362,9 @@ export function topkForward(
     if (nan) fixKeys(Sx, fn == SCORE_SOFTMAX ? 0 : bias, E, KEY, track, ngroups, gsize, TOPS);
     for (let i = E4; i < E16; i += 4) v128.store(KEY + (<usize>i << 2), f32x4.splat(0));
     // select: group limit, then top-K (naive or radix: identical sets)
-    if (track) {
+    if (small) {
+      selectSmall(KEY, E, K, CAND, CHOSEN);
+    } else if (track) {
       selectFastTops(KEY, E, K, G, GK, TOPS, CHOSEN, GROUP, CAND, COMP);
     } else {
       const built = grouped && limitGroups(KEY, E, K, G, GK, radix, CHOSEN, GROUP, TOPV, HIST);
@@ -1334,11 +1382,7 @@ export function topkForward(
         store<f32>(VAL + (<usize>k << 2), v);
         sum += v;
       }
-      const sv = f32x4.splat(sum);
-      for (let k = 0; k < K; k += 4) {
-        const p = VAL + (<usize>k << 2);
-        v128.store(p, f32x4.div(v128.load(p), sv));
-      }
+      divideVals(VAL, K, sum);
     } else {
       // the unbiased score, taken directly (summed in selection order); sigmoid / sqrtsoftplus normalise when K > 1
       let sum: f32 = 0;
@@ -1348,11 +1392,7 @@ export function topkForward(
         sum += v;
       }
       if (fn != SCORE_SOFTMAX && K > 1) {
-        const d = f32x4.splat(sum + EPS);
-        for (let k = 0; k < K; k += 4) {
-          const p = VAL + (<usize>k << 2);
-          v128.store(p, f32x4.div(v128.load(p), d));
-        }
+        divideVals(VAL, K, sum + EPS);
       }
     }
 
@@ -1383,8 +1423,20 @@ export function topkForward(
     }
     writeRoute(fmt, E, K, CHOSEN, route + <usize>t * routeB);
     // write: the intermediate at the chosen experts, in ascending expert
-    // order: a bit set of the chosen over E (in KEY, free now), read out
-    // word by word
+    // order: a bit set of the chosen over E (in a local up to 64 experts,
+    // else in KEY, free now), read out word by word
+    const yrow = yasc + (tk << 2);
+    if (E <= 64) {
+      let bits: u64 = 0;
+      for (let k = 0; k < K; k++) bits |= <u64>1 << <u64>load<i32>(CHOSEN + (<usize>k << 2));
+      let c = 0;
+      while (bits) {
+        store<f32>(yrow + (<usize>c << 2), load<f32>(irow + (<usize>ctz(bits) << 2)));
+        c++;
+        bits &= bits - 1;
+      }
+      continue;
+    }
     const nw = (E + 63) >> 6;
     for (let w = 0; w < nw; w++) store<u64>(KEY + (<usize>w << 3), 0);
     for (let k = 0; k < K; k++) {
@@ -1392,7 +1444,6 @@ export function topkForward(
       const p = KEY + (<usize>(e >> 6) << 3);
       store<u64>(p, load<u64>(p) | (<u64>1 << <u64>(e & 63)));
     }
-    const yrow = yasc + (tk << 2);
     let c = 0;
     for (let w = 0; w < nw; w++) {
       let bits = load<u64>(KEY + (<usize>w << 3));
@@ -1403,6 +1454,20 @@ export function topkForward(
         bits &= bits - 1;
       }
     }
+  }
+}
+
+// VAL[0, K) /= d. Below 4 values, scalar: a vector load right after the
+// scalar stores of the values would wait for them (no store forwarding).
+@inline function divideVals(VAL: usize, K: i32, d: f32): void {
+  if (K < 4) {
+    for (let k = 0; k < K; k++) store<f32>(VAL + (<usize>k << 2), load<f32>(VAL + (<usize>k << 2)) / d);
+    return;
+  }
+  const dv = f32x4.splat(d);
+  for (let k = 0; k < K; k += 4) {
+    const p = VAL + (<usize>k << 2);
+    v128.store(p, f32x4.div(v128.load(p), dv));
   }
 }
 

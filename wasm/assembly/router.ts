@@ -241,6 +241,22 @@ const VCONST = memory.data<f32>([
 @inline function NEG_INF(): v128 { return v128.load(VCONST + 544); }
 @inline function EXP_N125(): v128 { return v128.load(VCONST + 560); }
 
+// exp(r) of the reduced argument, shared by vexp and vexpNeg: t is the
+// shifter sum (1.5 * 2^23 + n, n = round(xc / ln2)); r = xc - n*ln2 in two
+// parts (Cody-Waite), then Cephes' degree-6 polynomial.
+@inline function expReduced(xc: v128, t: v128): v128 {
+  const n = f32x4.sub(t, EXP_SHIFT());
+  let r = f32x4.sub(xc, f32x4.mul(n, LN2_HI()));
+  r = f32x4.sub(r, f32x4.mul(n, LN2_LO()));
+  let p = EXP_P0();
+  p = f32x4.add(f32x4.mul(p, r), EXP_P1());
+  p = f32x4.add(f32x4.mul(p, r), EXP_P2());
+  p = f32x4.add(f32x4.mul(p, r), EXP_P3());
+  p = f32x4.add(f32x4.mul(p, r), EXP_P4());
+  p = f32x4.add(f32x4.mul(p, r), EXP_P5());
+  return f32x4.add(f32x4.add(f32x4.mul(f32x4.mul(p, r), r), r), ONE());
+}
+
 // exp(x) on 4 lanes, about 1 ulp over the whole float32 range, subnormal
 // results included: x = n*ln2 + r with |r| <= ln2/2 (Cody-Waite split of
 // ln2), exp(r) by Cephes' degree-6 polynomial, then times 2^n. n is rounded
@@ -254,16 +270,7 @@ const VCONST = memory.data<f32>([
   const lo = EXP_LO();
   const xc = f32x4.pmax(f32x4.pmin(x, EXP_HI()), lo);
   const t = f32x4.add(f32x4.mul(xc, LOG2E()), EXP_SHIFT());
-  const n = f32x4.sub(t, EXP_SHIFT());
-  let r = f32x4.sub(xc, f32x4.mul(n, LN2_HI()));
-  r = f32x4.sub(r, f32x4.mul(n, LN2_LO()));
-  let p = EXP_P0();
-  p = f32x4.add(f32x4.mul(p, r), EXP_P1());
-  p = f32x4.add(f32x4.mul(p, r), EXP_P2());
-  p = f32x4.add(f32x4.mul(p, r), EXP_P3());
-  p = f32x4.add(f32x4.mul(p, r), EXP_P4());
-  p = f32x4.add(f32x4.mul(p, r), EXP_P5());
-  p = f32x4.add(f32x4.add(f32x4.mul(f32x4.mul(p, r), r), r), ONE());
+  const p = expReduced(xc, t);
   const ni = i32x4.sub(t, EXP_SHIFT()); // the integer n, from the bits
   const n1 = i32x4.shr_s(ni, 1);
   const s1 = i32x4.shl(i32x4.add(n1, I127()), 23);
@@ -331,16 +338,7 @@ const VCONST = memory.data<f32>([
 @inline function vexpNeg(x: v128): v128 {
   const xc = f32x4.pmax(x, EXP_LO());
   const t = f32x4.add(f32x4.mul(xc, LOG2E()), EXP_SHIFT());
-  const n = f32x4.sub(t, EXP_SHIFT());
-  let r = f32x4.sub(xc, f32x4.mul(n, LN2_HI()));
-  r = f32x4.sub(r, f32x4.mul(n, LN2_LO()));
-  let p = EXP_P0();
-  p = f32x4.add(f32x4.mul(p, r), EXP_P1());
-  p = f32x4.add(f32x4.mul(p, r), EXP_P2());
-  p = f32x4.add(f32x4.mul(p, r), EXP_P3());
-  p = f32x4.add(f32x4.mul(p, r), EXP_P4());
-  p = f32x4.add(f32x4.mul(p, r), EXP_P5());
-  p = f32x4.add(f32x4.add(f32x4.mul(f32x4.mul(p, r), r), r), ONE());
+  const p = expReduced(xc, t);
   const nb = i32x4.shl(t, 23); // n << 23
   const a = i32x4.max_s(nb, EXP_N125()); // max(n, -125) << 23
   const s1 = i32x4.add(a, ONE_BITS()); // 2^max(n, -125)

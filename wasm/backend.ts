@@ -486,7 +486,11 @@ export class WasmBackend implements Backend {
           gv[c] = e < 0 ? 0 : gradBits[row + e] as number;
         }
       }
-      await this.#exec("topkBackwardSparse", this.#ranges(m, E), (a, rows, j) => [
+      // on this thread only: the compact kernel is a small part of the call
+      // (the gather and scatter around it run here anyway), and workers made
+      // it slower (bench:compare, 2 cores: DSv3 2.67 ms against 2.49 on one
+      // thread, Qwen3 1.60 against 1.42)
+      await this.#exec("topkBackwardSparse", [[0, m]], (a, rows, j) => [
         DT[dtype],
         rows,
         K,

@@ -1,6 +1,6 @@
 // The contract between the router (validation, tensors, saved state) and a
 // backend (kernels). Plans are validated; backends never re-check arguments.
-import type { AuxLossPlan, AuxScoresPlan, TopkPlan } from "./_validate.ts";
+import { type AuxLossPlan, type AuxScoresPlan, routeRowBytes, type TopkPlan } from "./_validate.ts";
 import type { BackendName, FloatTensor, IndexArray, SavedState, Tensor } from "./_types.ts";
 
 /** Flat outputs of a top-k forward; `payload` is what the backward needs. */
@@ -18,6 +18,18 @@ export interface AuxScoresForwardOut {
   intermediate: Float32Array;
   route: Uint8Array;
   payload: unknown;
+}
+
+/** The host arrays an aux-scores forward fills: scores and intermediate [T, E], the routing map [T, row bytes]. */
+export function newAuxScoresArrays(
+  plan: AuxScoresPlan,
+): { scores: Float32Array; intermediate: Float32Array; route: Uint8Array } {
+  const { T, E, K, route } = plan;
+  return {
+    scores: new Float32Array(T * E),
+    intermediate: new Float32Array(T * E),
+    route: new Uint8Array(T * routeRowBytes(route, E, K)),
+  };
 }
 
 /** A set of kernels that runs the router ops on host arrays. */

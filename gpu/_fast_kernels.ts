@@ -171,6 +171,27 @@ function constsOf(values: Record<string, number>): string {
   }`;
 }
 
+// A specialised kernel's source: sizes are constants, so the only uniforms
+// are the dispatch's rows, the scaling factor and the routing output's format
+// and row bytes.
+function fastKernel(
+  k: FastForwardKey | FastBackwardKey,
+  storage: StorageBinding[],
+  helpers: string,
+  body: string,
+  workgroupSize: number,
+): KernelSource {
+  return {
+    label: `moe-router ${JSON.stringify(k)}`,
+    uniforms: [["T", "u32"], ["scale", "f32"], ["fmt", "u32"], ["rb", "u32"]],
+    storage,
+    consts: {},
+    helpers,
+    body,
+    workgroupSize,
+  };
+}
+
 /** The fast forward kernel for a key. */
 export function fastForwardKernel(k: FastForwardKey): KernelSource {
   const { E, K, tpr: TPR, wg: WG, G, GK, score, pre, dt } = k;
@@ -630,15 +651,7 @@ fn teamSum(v: f32, li: u32, lane: u32) -> f32 {
   }
 `;
 
-  return {
-    label: `moe-router ${JSON.stringify(k)}`,
-    uniforms: [["T", "u32"], ["scale", "f32"], ["fmt", "u32"], ["rb", "u32"]],
-    storage,
-    consts: {},
-    helpers,
-    body,
-    workgroupSize: WG,
-  };
+  return fastKernel(k, storage, helpers, body, WG);
 }
 
 /** What a fast backward pipeline is specialised on; also its cache key. */
@@ -800,13 +813,5 @@ fn chosenBits(t: u32, e0: u32) -> u32 {
   }
   }
 `;
-  return {
-    label: `moe-router ${JSON.stringify(k)}`,
-    uniforms: [["T", "u32"], ["scale", "f32"], ["fmt", "u32"], ["rb", "u32"]],
-    storage,
-    consts: {},
-    helpers,
-    body,
-    workgroupSize: WG,
-  };
+  return fastKernel(k, storage, helpers, body, WG);
 }

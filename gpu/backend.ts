@@ -21,7 +21,7 @@
  *
  * @module
  */
-import type { AuxScoresForwardOut, Backend, TopkForwardOut } from "../_backend.ts";
+import { type AuxScoresForwardOut, type Backend, newAuxScoresArrays, type TopkForwardOut } from "../_backend.ts";
 import { type AuxLossPlan, type AuxScoresPlan, type RouteFormat, routeRowBytes, type TopkPlan } from "../_validate.ts";
 import type { FloatDType, FloatTensor, GpuTensor, IndexArray, Tensor } from "../_types.ts";
 import { ARRAY_OF, BYTES_OF } from "../tensor.ts";
@@ -911,9 +911,7 @@ export class WebGpuBackend implements Backend {
     const { T, E, K, dtype, route } = plan;
     const inB = BYTES_OF[dtype];
     const rB = routeRowBytes(route, E, K);
-    const scores = new Float32Array(T * E);
-    const intermediate = new Float32Array(T * E);
-    const routeOut = new Uint8Array(T * rB);
+    const { scores, intermediate, route: routeOut } = newAuxScoresArrays(plan);
     this.#forwardKey(plan, "aux");
     const perRound = this.#rowsPerRound(T, [2 * E * inB, 8 * E, 8 * E, 2 * rB], "fusedComputeScoreForMoEAuxLoss");
     for (let r0 = 0; r0 < T; r0 += perRound) {

@@ -10,7 +10,7 @@
 // pre-softmax gradients): the kernels exchange them as compact (expert,
 // value) rows that the host scatters into fresh zeroed arrays, instead of
 // copying dense rows out of the module.
-import type { AuxScoresForwardOut, Backend, TopkForwardOut } from "../_backend.ts";
+import { type AuxScoresForwardOut, type Backend, newAuxScoresArrays, type TopkForwardOut } from "../_backend.ts";
 import { type AuxLossPlan, type AuxScoresPlan, type RouteFormat, routeRowBytes, type TopkPlan } from "../_validate.ts";
 import type { FloatDType, FloatTensor, IndexArray, RoutingMapFormat, Tensor } from "../_types.ts";
 import { ARRAY_OF, BYTES_OF } from "../tensor.ts";
@@ -565,9 +565,7 @@ export class WasmBackend implements Backend {
       const { T, E, K, dtype, route } = plan;
       const inB = BYTES_OF[dtype];
       const rB = routeRowBytes(route, E, K);
-      const scores = new Float32Array(T * E);
-      const intermediate = new Float32Array(T * E);
-      const routeOut = new Uint8Array(T * rB);
+      const { scores, intermediate, route: routeOut } = newAuxScoresArrays(plan);
       const n = this.#chunk(T, E * inB + 8 * E + rB);
       const k = this.#k;
       const L = new Layout(k.heapBase());

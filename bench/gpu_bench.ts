@@ -2,7 +2,7 @@
 // call's compute pass) on GPU-resident tensors, and wall time per call on
 // host arrays (upload + kernels + readback), forward and backward.
 //
-//   deno run -A bench/gpu_bench.ts [--json out.json] [--iters N]
+//   deno run -A bench/gpu_bench.ts [--json out.json] [--iters N] [--warmup N] [--cases dsv3,wide]
 //
 // Cases follow the issue: DeepSeek-V3, Qwen3, Mixtral, a wide radix case and
 // decode. Results print as a table; --json writes them for comparison with
@@ -89,8 +89,10 @@ function toGpu(data: Float32Array<ArrayBuffer>, shape: number[]): GpuTensor<"flo
   return { buffer, shape, dtype: "float32" };
 }
 
+// --cases a,b: only the named cases
+const only = arg("--cases")?.split(",");
 const results: Record<string, Record<string, number>> = {};
-for (const c of CASES) {
+for (const c of CASES.filter((c) => only === undefined || only.includes(c.name))) {
   const r = mulberry32(7);
   const x = Float32Array.from({ length: c.T * c.E }, () => 2 * (r() - 0.5) * 3);
   const g = Float32Array.from({ length: c.T * c.E }, () => r() - 0.5);

@@ -117,6 +117,9 @@ function tiedLogitsOf(c: Case, seed: number): FloatTensor {
     { length: c.T * c.E },
     () => r() < 0.03 ? special[Math.floor(r() * 3)]! : Math.floor(r() * 5) / 2 - 1,
   );
+  // a row of one value and a row of NaN: every key of the row ties
+  x.fill(0.5, 0, c.E);
+  if (c.T > 1) x.fill(NaN, c.E, 2 * c.E);
   return { data: narrowTo(x, c.dtype), shape: [c.T, c.E], dtype: c.dtype } as FloatTensor;
 }
 

@@ -82,7 +82,8 @@ const FAST_MAX_WG_BYTES = 16384;
 function workgroupBytes(k: FastForwardKey): number {
   const rpw = k.wg / k.tpr;
   // radix: two 256-bin histograms, three counts per lane, the picks (key, index, value) and the ranked values
-  const slots = k.radix ? rpw * (512 + 3 * k.tpr + 4 * k.K) : k.tpr > 1 ? k.wg * 2 * k.K : 0;
+  // naive: the lanes' lists, and the picks' values
+  const slots = k.radix ? rpw * (512 + 3 * k.tpr + 4 * k.K) : k.tpr > 1 ? k.wg * 2 * k.K + rpw * k.K : 0;
   const red = k.pre ? k.wg : 0;
   return 4 * (slots + red + (k.G > 0 ? rpw * k.G : 0) + stagingWords(k));
 }
@@ -238,7 +239,12 @@ export function fastForwardKernel(k: FastForwardKey): KernelSource {
   let helpers = /* wgsl */ `${MATH_WGSL}
 ${constsOf({ E, K, TPR, C, Q, RPW })}
 var<workgroup> rst: array<atomic<u32>, ${SW}>;
-${TPR > 1 && !k.radix ? `var<workgroup> slot: array<u32, ${WG * 2 * K}>;` : ""}
+${
+    TPR > 1 && !k.radix
+      ? `var<workgroup> slot: array<u32, ${WG * 2 * K}>;
+var<workgroup> rv: array<f32, ${RPW * K}>;`
+      : ""
+  }
 ${
     k.radix
       ? `var<workgroup> hist: array<atomic<u32>, ${RPW * 512}>;
@@ -656,23 +662,37 @@ fn teamSum(v: f32, li: u32, lane: u32) -> f32 {
 
   if (!k.radix) {
     // ---- values -------------------------------------------------------------------------
-    let values: string;
-    if (post) {
-      // m from the key, not from the logit: the compiler must not fold x0 - m to 0 (inf - inf is NaN)
-      values = `let m = floatOfKey(k0);
-    ${each(K, (j) => `let v${j} = mexp(xAt(base + x${j}) - m);`, " ")}
+    // v(xs): the value of expert xs of the row (post softmax: m from the key,
+    // not from the logit: the compiler must not fold x0 - m to 0 where it is inf)
+    const valueOf = (xs: string) =>
+      post
+        ? `mexp(xAt(base + ${xs}) - floatOfKey(k0))`
+        : pre
+        ? `mexp(xAt(base + ${xs}) - m) / z`
+        : `${scoreOf}(xAt(base + ${xs}))`;
+    // with several lanes a row, lane l computes the values of picks l, l +
+    // TPR, ... (one score each, not K) and shares them in workgroup memory
+    const shared = TPR > 1;
+    const sharedValues = shared
+      ? `${
+        each(
+          Math.ceil(K / TPR),
+          (i) =>
+            `{
+    let jj = lane + ${i * TPR}u;
+    var xs = 0u;
+    ${each(K, (j) => `xs = select(xs, x${j}, jj == ${j}u);`, " ")}
+    if (live && jj < K) { rv[row * K + jj] = ${valueOf("xs")}; }
+  }`,
+          "\n  ",
+        )
+      }
+  workgroupBarrier();`
+      : "";
+    const vals = each(K, (j) => `let v${j} = ${shared ? `rv[row * K + ${j}u]` : valueOf(`x${j}`)};`, " ");
+    const values = pre ? `${vals}\n    let zz = 1.0;` : `${vals}
     var zz = 0.0;
-    ${each(K, (j) => `zz = zz + v${j};`, " ")}`;
-    } else if (pre) {
-      values = `${each(K, (j) => `let v${j} = mexp(xAt(base + x${j}) - m) / z;`, " ")}
-    let zz = 1.0;`;
-    } else {
-      values = `${each(K, (j) => `let v${j} = ${scoreOf}(xAt(base + x${j}));`, " ")}
-    var zz = 0.0;
-    ${each(K, (j) => `zz = zz + v${j};`, " ")}
-    zz = zz + EPS;
-    ${K === 1 ? "zz = 1.0;" : ""}`;
-    }
+    ${each(K, (j) => `zz = zz + v${j};`, " ")}${post ? "" : `\n    zz = zz + EPS;${K === 1 ? "\n    zz = 1.0;" : ""}`}`;
 
     // ---- writes ---------------------------------------------------------------------------
     // the routing output of the row into the staging area (P.fmt: 0 bytemap,
@@ -709,8 +729,9 @@ fn teamSum(v: f32, li: u32, lane: u32) -> f32 {
     }`;
 
     body += `
+  let base = t * E;
+  ${sharedValues}
   if (live) {
-    let base = t * E;
     ${values}
     // probs = c * v / z at the chosen experts, 0 elsewhere${
       post ? "; intermediate: the K-way softmax, -inf elsewhere" : ""

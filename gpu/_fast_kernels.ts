@@ -85,7 +85,9 @@ function workgroupBytes(k: FastForwardKey): number {
   // naive: the lanes' lists, and the picks' values
   const slots = k.radix ? rpw * (512 + 3 * k.tpr + 4 * k.K) : k.tpr > 1 ? k.wg * 2 * k.K + rpw * k.K : 0;
   const red = k.pre ? k.wg : 0;
-  return 4 * (slots + red + (k.G > 0 ? rpw * k.G : 0) + stagingWords(k));
+  // groups: their scores, and the lanes' shares of a group they split
+  const groups = k.G > 0 ? rpw * k.G + (k.tpr > k.G ? k.wg * (k.K / k.GK) : 0) : 0;
+  return 4 * (slots + red + groups + stagingWords(k));
 }
 
 /** Words of the routing-output staging area: one workgroup's rows in the largest format (bytemap or int64). */
@@ -113,7 +115,8 @@ export function fastForwardKey(plan: TopkPlan): FastForwardKey | null {
   }
   if (grouped) {
     const G = plan.numGroups;
-    while (tpr > 1 && G % tpr !== 0) tpr /= 2;
+    // lanes own whole groups (tpr divides G), or a group's lanes share it (G divides tpr)
+    while (tpr > 1 && G % tpr !== 0 && tpr % G !== 0) tpr /= 2;
     const gsize = E / G;
     if (gsize % 4 !== 0 || K / plan.groupTopk > 8) return null;
   }
@@ -215,7 +218,8 @@ export function fastForwardKernel(k: FastForwardKey): KernelSource {
   const SW = stagingWords(k);
   const grouped = G > 0;
   const gsize = grouped ? E / G : 0;
-  const gpl = grouped ? C / gsize : 0; // groups per lane
+  const lpg = grouped && TPR > G ? TPR / G : 1; // lanes per group (they split it)
+  const gpl = grouped && lpg === 1 ? C / gsize : 0; // groups per lane (it owns them)
   const per = grouped ? K / GK : 0;
   const softmax = score === "softmax";
   const post = softmax && !pre;
@@ -258,6 +262,7 @@ var<workgroup> rv: array<f32, ${RPW * K}>;`
       : ""
   }
 ${grouped ? `var<workgroup> gsc: array<u32, ${RPW * G}>;` : ""}
+${lpg > 1 ? `var<workgroup> gpart: array<u32, ${WG * per}>;` : ""}
 ${pre ? `var<workgroup> red: array<f32, ${WG}>;` : ""}
 
 // quadX(q): the four logits of quad q (experts 4q .. 4q + 3 of the batch), widened; storeProbs(q, v)
@@ -440,7 +445,9 @@ fn teamSum(v: f32, li: u32, lane: u32) -> f32 {
       if (above < ${GK}u) {${insertAll(lg * gsize, (lg + 1) * gsize)}
       }
     }`;
-      body += `
+      const ins = per === K ? "insK" : "insG";
+      body += lpg === 1
+        ? `
   // group limit: the lane owns ${gpl} whole group(s) of ${gsize}; a group's score
   // is the sum of its top ${per} selection scores, largest first; the ${GK} best
   // groups are kept (ties: lower group)
@@ -451,6 +458,37 @@ fn teamSum(v: f32, li: u32, lane: u32) -> f32 {
   workgroupBarrier();
   if (live) {
     ${each(gpl, keepGroup, "\n    ")}
+  }
+`
+        : `
+  // group limit: ${lpg} lanes share a group of ${gsize}; a group's score is the
+  // sum of its top ${per} selection scores, largest first, merged from the
+  // lanes' own top ${per}; the ${GK} best groups are kept (ties: lower group)
+  let gbase = row * ${G}u;
+  {
+    ${emptyList("gl", per)}
+    ${each(C, (i) => `${ins}(&gl, r${i}, ${i}u);`, " ")}
+    ${each(per, (j) => `gpart[li * ${per}u + ${j}u] = gl[${2 * j}];`, " ")}
+  }
+  workgroupBarrier();
+  if (live && lane % ${lpg}u == 0u) {
+    ${emptyList("gl", per)}
+    ${each(lpg * per, (i) => `${ins}(&gl, gpart[li * ${per}u + ${i}u], ${i}u);`, " ")}
+    var sum = 0.0;
+    ${each(per, (j) => `sum = sum + floatOfKey(gl[${2 * j}]);`, " ")}
+    gsc[gbase + lane / ${lpg}u] = keyOf(sum);
+  }
+  workgroupBarrier();
+  if (live) {
+    let g = lane / ${lpg}u;
+    let kg = gsc[gbase + g];
+    var above = 0u;
+    for (var h = 0u; h < ${G}u; h = h + 1u) {
+      let kh = gsc[gbase + h];
+      if (kh > kg || (kh == kg && h < g)) { above = above + 1u; }
+    }
+    if (above < ${GK}u) {${insertAll(0, C)}
+    }
   }
 `;
     }

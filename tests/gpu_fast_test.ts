@@ -35,8 +35,9 @@ const DSV3: TopkOptions = {
 };
 
 const CASES: Case[] = [
-  { T: 70, E: 256, dtype: "float32", options: DSV3, tpr: 8 },
-  { T: 33, E: 256, dtype: "bfloat16", options: { ...DSV3, expertBias: bias(256, 2, "bfloat16") }, tpr: 8 },
+  // two lanes share each group of DeepSeek-V3
+  { T: 70, E: 256, dtype: "float32", options: DSV3, tpr: 16 },
+  { T: 33, E: 256, dtype: "bfloat16", options: { ...DSV3, expertBias: bias(256, 2, "bfloat16") }, tpr: 16 },
   { T: 130, E: 128, dtype: "float32", options: { topk: 8, scoreFunction: "softmax" }, tpr: 8 },
   { T: 300, E: 8, dtype: "float32", options: { topk: 2, scoreFunction: "softmax", scalingFactor: 1.5 }, tpr: 1 },
   { T: 41, E: 64, dtype: "float16", options: { topk: 4, scoreFunction: "softmax", usePreSoftmax: true }, tpr: 4 },
@@ -68,14 +69,14 @@ const CASES: Case[] = [
     E: 256,
     dtype: "float32",
     options: { topk: 8, scoreFunction: "softmax", usePreSoftmax: true, numGroups: 8, groupTopk: 4, scalingFactor: 2.5 },
-    tpr: 8,
+    tpr: 16,
   },
   {
     T: 25,
     E: 128,
     dtype: "float16",
     options: { topk: 6, scoreFunction: "sigmoid", numGroups: 4, groupTopk: 2, expertBias: bias(128, 4) },
-    tpr: 4,
+    tpr: 8,
   },
 ];
 

@@ -61,7 +61,8 @@ const FAST_MAX_K = 16;
 /**
  * Experts a lane owns where the row allows: on an H200, Qwen3's forward
  * (E = 128) took 15.3 us with 16 experts a lane against 22.0 us with 32
- * (more lanes hide more latency; the merge grows with the lanes).
+ * (more lanes hide more latency; the merge grows with the lanes); on an
+ * H100, 8 a lane took 23.5 us against 15.2 us with 16.
  */
 const FAST_CHUNK = 16;
 /** Largest K of the radix path (the picks are ranked in workgroup memory). */

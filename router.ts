@@ -13,12 +13,18 @@ import type {
   BackendName,
   FloatDType,
   FloatTensor,
+  GpuAuxLossResult,
+  GpuAuxScoresOptions,
+  GpuAuxScoresResult,
+  GpuSavedState,
   GpuTensor,
   GpuTopkOptions,
   GpuTopkResult,
   IndexArray,
   IndexDType,
+  SavedState,
   Tensor,
+  TokensPerExpertDType,
   TopkOptions,
   TopkResult,
 } from "./_types.ts";
@@ -26,7 +32,10 @@ import {
   type AuxLossPlan,
   type AuxScoresPlan,
   checkGrad,
+  checkGradLoss,
+  type GpuAuxLossPlan,
   isGpuTensor,
+  isHostAuxLossPlan,
   outputBuffer,
   planAuxLoss,
   planAuxScores,
@@ -106,12 +115,20 @@ export interface Router {
 }
 
 /**
- * The GPU-resident forms of the top-k operations, on a router that runs
- * WebGPU ("webgpu", or "auto" with a hardware adapter): inputs are
+ * The GPU-resident forms of the operations, on a router that runs WebGPU
+ * ("webgpu", or "auto" with a hardware adapter): inputs are
  * {@linkcode GpuTensor}s on `router.device`, outputs are new GpuTensors the
  * caller owns (usage `STORAGE | COPY_SRC | COPY_DST`), nothing is read back,
  * and the saved state stays on the GPU. Input buffers need
  * `GPUBufferUsage.STORAGE`. A router without WebGPU refuses them (TypeError).
+ *
+ * Where the result goes: a forward gives GpuTensors when its main input
+ * (logits, probs) is GPU-resident; a GPU-resident side input alone
+ * (`expertBias`, `tokensPerExpert`) runs the call on the GPU and gives host
+ * results. The top-k and aux-scores backward give a GpuTensor when the
+ * gradient is one, whatever the forward was. The aux-loss backward, whose
+ * gradient is a scalar, gives a GpuTensor when the forward's probs were
+ * GPU-resident (`saved.gpuResident`) or `gradLoss` is a GpuTensor.
  */
 export interface GpuResidentOps {
   /** Top-k forward on GPU-resident logits (and optionally a GPU-resident expertBias). */
@@ -121,6 +138,35 @@ export interface GpuResidentOps {
     saved: TopkResult["saved"],
     gradProbs: GpuTensor<FloatDType>,
   ): Promise<GpuTensor<FloatDType>>;
+  /** Aux-loss scores of GPU-resident logits: scores, routingMap and intermediate are new GpuTensors. */
+  fusedComputeScoreForMoEAuxLoss(
+    logits: GpuTensor<FloatDType>,
+    options: GpuAuxScoresOptions,
+  ): Promise<GpuAuxScoresResult>;
+  /** Aux-scores backward with GPU-resident float32 gradScores: gradLogits is a new GpuTensor (logits dtype). */
+  fusedComputeScoreForMoEAuxLossBackward(
+    saved: AuxScoresResult["saved"],
+    gradScores: GpuTensor<"float32">,
+  ): Promise<GpuTensor<FloatDType>>;
+  /** Aux loss of GPU-resident probs (tokensPerExpert on the host or the GPU): the loss is a new 0-d GpuTensor. */
+  fusedMoEAuxLoss(
+    probs: GpuTensor<FloatDType>,
+    tokensPerExpert: Tensor | GpuTensor<TokensPerExpertDType>,
+    options: AuxLossOptions,
+  ): Promise<GpuAuxLossResult>;
+  /** Aux loss of host probs with GPU-resident tokensPerExpert: runs on the GPU, the loss comes back to the host. */
+  fusedMoEAuxLoss(
+    probs: FloatTensor,
+    tokensPerExpert: GpuTensor<TokensPerExpertDType>,
+    options: AuxLossOptions,
+  ): Promise<AuxLossResult>;
+  /** Aux-loss backward of a GPU-resident forward: gradProbs is a new GpuTensor, whatever form gradLoss takes. */
+  fusedMoEAuxLossBackward(
+    saved: GpuSavedState,
+    gradLoss: number | FloatTensor | GpuTensor<FloatDType>,
+  ): Promise<GpuTensor<FloatDType>>;
+  /** Aux-loss backward with a one-element GPU-resident gradLoss: gradProbs is a new GpuTensor. */
+  fusedMoEAuxLossBackward(saved: SavedState, gradLoss: GpuTensor<FloatDType>): Promise<GpuTensor<FloatDType>>;
 }
 
 const BACKENDS: readonly BackendChoice[] = ["auto", "wasm", "webgpu"];
@@ -148,7 +194,7 @@ const BACKENDS: readonly BackendChoice[] = ["auto", "wasm", "webgpu"];
  * router.dispose();
  * ```
  */
-export async function createRouter(options: RouterOptions = {}): Promise<Router & GpuResidentOps> {
+export async function createRouter(options: RouterOptions = {}): Promise<GpuResidentOps & Router> {
   const choice = options.backend ?? "auto";
   if (!BACKENDS.includes(choice)) {
     throw new TypeError(`backend must be one of ${BACKENDS.join(", ")}, got ${describe(choice)}`);
@@ -257,7 +303,7 @@ class BoundRouter implements Router, GpuResidentOps {
     const result: GpuTopkResult = {
       probs: { buffer: out.probs, shape: [...plan.shape], dtype: plan.dtype },
       intermediate: { buffer: out.intermediate, shape: [...plan.shape], dtype: "float32" },
-      saved: new Saved<TopkPlan>(b.name, "topk", plan, out.payload),
+      saved: new Saved<TopkPlan>(b.name, "topk", plan, out.payload, true) as GpuSavedState,
     };
     if (plan.route === "bytemap" || plan.route === "bitmap_u8") {
       const last = plan.route === "bytemap" ? plan.E : Math.ceil(plan.E / 8);
@@ -334,23 +380,57 @@ class BoundRouter implements Router, GpuResidentOps {
     return { data, shape: [...plan.shape], dtype: plan.dtype };
   }
 
-  async fusedComputeScoreForMoEAuxLoss(logits: FloatTensor, options: AuxScoresOptions): Promise<AuxScoresResult> {
+  fusedComputeScoreForMoEAuxLoss(logits: FloatTensor, options: AuxScoresOptions): Promise<AuxScoresResult>;
+  fusedComputeScoreForMoEAuxLoss(
+    logits: GpuTensor<FloatDType>,
+    options: GpuAuxScoresOptions,
+  ): Promise<GpuAuxScoresResult>;
+  async fusedComputeScoreForMoEAuxLoss(
+    logits: FloatTensor | GpuTensor<FloatDType>,
+    options: AuxScoresOptions | GpuAuxScoresOptions,
+  ): Promise<AuxScoresResult | GpuAuxScoresResult> {
     const plan = planAuxScores(logits, options);
+    const last = plan.route === "bytemap" ? plan.E : Math.ceil(plan.E / 8);
+    const mapShape = [...plan.shape.slice(0, -1), last];
+    if (isGpuTensor(logits)) {
+      const b = this.#gpu("logits");
+      const out = await b.auxScoresForwardGpu(plan, logits);
+      return {
+        scores: { buffer: out.scores, shape: [...plan.shape], dtype: "float32" },
+        routingMap: { buffer: out.route, shape: mapShape, dtype: "uint8" },
+        intermediate: { buffer: out.intermediate, shape: [...plan.shape], dtype: "float32" },
+        saved: new Saved<AuxScoresPlan>(b.name, "auxScores", plan, out.payload, true) as GpuSavedState,
+      };
+    }
     const b = this.#use(plan.T * plan.E);
     const out = await b.auxScoresForward(plan, logits);
-    const last = plan.route === "bytemap" ? plan.E : Math.ceil(plan.E / 8);
     return {
       scores: { data: out.scores, shape: [...plan.shape], dtype: "float32" },
-      routingMap: { data: out.route, shape: [...plan.shape.slice(0, -1), last], dtype: "uint8" },
+      routingMap: { data: out.route, shape: mapShape, dtype: "uint8" },
       intermediate: { data: out.intermediate, shape: [...plan.shape], dtype: "float32" },
       saved: new Saved<AuxScoresPlan>(b.name, "auxScores", plan, out.payload),
     };
   }
 
-  async fusedComputeScoreForMoEAuxLossBackward(
+  fusedComputeScoreForMoEAuxLossBackward(
     saved: AuxScoresResult["saved"],
     gradScores: Tensor<"float32">,
-  ): Promise<FloatTensor> {
+  ): Promise<FloatTensor>;
+  fusedComputeScoreForMoEAuxLossBackward(
+    saved: AuxScoresResult["saved"],
+    gradScores: GpuTensor<"float32">,
+  ): Promise<GpuTensor<FloatDType>>;
+  async fusedComputeScoreForMoEAuxLossBackward(
+    saved: AuxScoresResult["saved"],
+    gradScores: Tensor<"float32"> | GpuTensor<"float32">,
+  ): Promise<FloatTensor | GpuTensor<FloatDType>> {
+    if (isGpuTensor(gradScores)) {
+      const b = this.#gpu("gradScores");
+      const { plan, payload } = Saved.take<AuxScoresPlan>(saved, "auxScores", b.name);
+      checkGrad("gradScores", gradScores, plan.shape, "float32");
+      const buffer = await b.auxScoresBackwardGpu(plan, payload, gradScores);
+      return { buffer, shape: [...plan.shape], dtype: plan.dtype };
+    }
     const b = this.#use(0, savedBackend(saved));
     const { plan, payload } = Saved.take<AuxScoresPlan>(saved, "auxScores", b.name);
     checkGrad("gradScores", gradScores, plan.shape, "float32");
@@ -358,21 +438,63 @@ class BoundRouter implements Router, GpuResidentOps {
     return { data, shape: [...plan.shape], dtype: plan.dtype };
   }
 
-  async fusedMoEAuxLoss(probs: FloatTensor, tokensPerExpert: Tensor, options: AuxLossOptions): Promise<AuxLossResult> {
+  fusedMoEAuxLoss(probs: FloatTensor, tokensPerExpert: Tensor, options: AuxLossOptions): Promise<AuxLossResult>;
+  fusedMoEAuxLoss(
+    probs: GpuTensor<FloatDType>,
+    tokensPerExpert: Tensor | GpuTensor<TokensPerExpertDType>,
+    options: AuxLossOptions,
+  ): Promise<GpuAuxLossResult>;
+  fusedMoEAuxLoss(
+    probs: FloatTensor,
+    tokensPerExpert: GpuTensor<TokensPerExpertDType>,
+    options: AuxLossOptions,
+  ): Promise<AuxLossResult>;
+  async fusedMoEAuxLoss(
+    probs: FloatTensor | GpuTensor<FloatDType>,
+    tokensPerExpert: Tensor | GpuTensor<TokensPerExpertDType>,
+    options: AuxLossOptions,
+  ): Promise<AuxLossResult | GpuAuxLossResult> {
     const plan = planAuxLoss(probs, tokensPerExpert, options);
-    const b = this.#use(plan.rows * plan.cols);
-    const data = await b.auxLossForward(plan, probs);
+    if (isGpuTensor(probs)) {
+      const b = this.#gpu("probs");
+      return {
+        loss: { buffer: await b.auxLossForwardGpu(plan, probs), shape: [], dtype: plan.dtype },
+        saved: new Saved<GpuAuxLossPlan>(b.name, "auxLoss", plan, null, true) as GpuSavedState,
+      };
+    }
+    // host probs: a GPU-resident tokensPerExpert runs the call on the GPU, the loss comes back
+    const b = isHostAuxLossPlan(plan) ? this.#use(plan.rows * plan.cols) : this.#gpu("tokensPerExpert");
+    // (only the webgpu backend takes a GPU-resident tokensPerExpert; #gpu sent those calls to it)
+    const data = b instanceof WebGpuBackend
+      ? await b.auxLossForward(plan, probs)
+      : await b.auxLossForward(plan as AuxLossPlan, probs);
     return {
       loss: { data, shape: [], dtype: plan.dtype },
-      saved: new Saved<AuxLossPlan>(b.name, "auxLoss", plan, null),
+      saved: new Saved<GpuAuxLossPlan>(b.name, "auxLoss", plan, null),
     };
   }
 
-  async fusedMoEAuxLossBackward(saved: AuxLossResult["saved"], gradLoss: number | FloatTensor): Promise<FloatTensor> {
-    const b = this.#use(0, savedBackend(saved));
-    const { plan } = Saved.take<AuxLossPlan>(saved, "auxLoss", b.name);
-    const g = scalarOf(gradLoss);
-    const data = await b.auxLossBackward(plan, g);
+  fusedMoEAuxLossBackward(saved: AuxLossResult["saved"], gradLoss: number | FloatTensor): Promise<FloatTensor>;
+  fusedMoEAuxLossBackward(
+    saved: GpuSavedState,
+    gradLoss: number | FloatTensor | GpuTensor<FloatDType>,
+  ): Promise<GpuTensor<FloatDType>>;
+  fusedMoEAuxLossBackward(saved: SavedState, gradLoss: GpuTensor<FloatDType>): Promise<GpuTensor<FloatDType>>;
+  async fusedMoEAuxLossBackward(
+    saved: SavedState,
+    gradLoss: number | FloatTensor | GpuTensor<FloatDType>,
+  ): Promise<FloatTensor | GpuTensor<FloatDType>> {
+    const b = isGpuTensor(gradLoss) ? this.#gpu("gradLoss") : this.#use(0, savedBackend(saved));
+    const { plan, gpuResident } = Saved.take<GpuAuxLossPlan>(saved, "auxLoss", b.name);
+    const g = checkGradLoss(gradLoss);
+    if (typeof g !== "number" || gpuResident) {
+      // a GPU-resident forward or gradLoss: gradProbs stays on the GPU
+      const gpu = b as WebGpuBackend;
+      return { buffer: await gpu.auxLossBackwardGpu(plan, g), shape: [...plan.shape], dtype: plan.dtype };
+    }
+    const data = b instanceof WebGpuBackend
+      ? await b.auxLossBackward(plan, g)
+      : await b.auxLossBackward(plan as AuxLossPlan, g);
     return { data, shape: [...plan.shape], dtype: plan.dtype };
   }
 }
@@ -380,17 +502,4 @@ class BoundRouter implements Router, GpuResidentOps {
 // the backend a saved state names (Saved.take checks the rest)
 function savedBackend(saved: unknown): unknown {
   return saved instanceof Saved ? saved.backend : null;
-}
-
-// gradLoss: a number, or a one-element float tensor (shape [] or [1])
-function scalarOf(v: number | FloatTensor): number {
-  if (typeof v === "number") return v;
-  if (typeof v === "object" && v !== null && ArrayBuffer.isView(v.data) && v.data.length === 1) {
-    const d = v.data;
-    if (d instanceof Uint16Array) {
-      return new Float32Array(new Uint32Array([(d[0] as number) << 16]).buffer)[0] as number;
-    }
-    return Number(d[0]);
-  }
-  throw new TypeError(`gradLoss must be a number or a one-element float tensor, got ${describe(v)}`);
 }

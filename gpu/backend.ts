@@ -414,6 +414,8 @@ export class WebGpuBackend implements Backend {
     const bpe = (data as unknown as { BYTES_PER_ELEMENT: number }).BYTES_PER_ELEMENT;
     const bytes = n * bpe;
     const buf = this.#pool.acquire(align4(bytes), USAGE.input, label);
+    // nothing to write (an empty batch): Deno's writeBuffer panics on zero bytes of an empty array
+    if (bytes === 0) return buf;
     if (bytes % 4 === 0) {
       this.device.queue.writeBuffer(buf, 0, data.buffer as ArrayBuffer, data.byteOffset + from * bpe, bytes);
     } else {
@@ -1055,12 +1057,20 @@ export class WebGpuBackend implements Backend {
     const chunks = Math.max(1, Math.ceil(rows / AUX_CHUNK));
     this.#checkBufferSize(chunks * cols * 4, "fusedMoEAuxLoss partial sums");
     this.#checkBufferSize(rows * cols * BYTES_OF[dtype], "fusedMoEAuxLoss probs");
+    // a dispatch's grid is column blocks x chunks: as many chunks as the grid holds
+    const xBlocks = Math.ceil(cols / AUX_WG);
+    const gridChunks = Math.floor((this.#maxGrid * this.#maxGrid) / xBlocks);
+    if (gridChunks < 1) {
+      throw new RangeError(
+        `fusedMoEAuxLoss: ${cols} columns need ${xBlocks} workgroups a row of chunks, beyond this device's grid of ${this.#maxGrid}x${this.#maxGrid}`,
+      );
+    }
     const perDispatch = this.#rowsPerDispatch(
       rows,
       [cols * BYTES_OF[dtype]],
       "fusedMoEAuxLoss",
       AUX_CHUNK,
-      AUX_CHUNK * this.#maxGrid,
+      AUX_CHUNK * gridChunks,
     );
     return { chunks, perDispatch };
   }
@@ -1197,7 +1207,9 @@ export class WebGpuBackend implements Backend {
     // g = gradLoss * constant, each rounded to float32 first (the kernel multiplies a GPU-resident gradLoss in)
     const c = Math.fround(plan.constant);
     const g = gpuGrad === null ? Math.fround(Math.fround(gradLoss as number) * c) : c;
-    const elems = this.#rowsPerDispatch(total, [outB], "fusedMoEAuxLossBackward", 2);
+    // elements of a dispatch: within the binding limit, and one thread a word within the grid
+    const gridElems = AUX_WG * this.#maxGrid * this.#maxGrid * (4 / outB);
+    const elems = this.#rowsPerDispatch(total, [outB], "fusedMoEAuxLossBackward", 2, gridElems);
     const dispatches: Dispatch[] = [];
     for (let e0 = 0; e0 < total; e0 += elems) {
       const m = Math.min(elems, total - e0);

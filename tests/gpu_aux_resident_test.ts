@@ -636,3 +636,26 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "the webgpu host aux-scores state owns its intermediate: editing the returned one changes no gradient",
+  ignore: !hasGpu,
+  async fn() {
+    const router = await createRouter({ backend: "webgpu" });
+    try {
+      const logits = floats([4, 16], "float32", 11, -2, 2);
+      const grad = floats([4, 16], "float32", 12) as Tensor<"float32">;
+      const options = { topk: 4, scoreFunction: "sigmoid" as const };
+      const expected = await router.fusedComputeScoreForMoEAuxLossBackward(
+        (await router.fusedComputeScoreForMoEAuxLoss(logits, options)).saved,
+        grad,
+      );
+      const r = await router.fusedComputeScoreForMoEAuxLoss(logits, options);
+      r.intermediate.data.fill(0.5);
+      const g = await router.fusedComputeScoreForMoEAuxLossBackward(r.saved, grad);
+      assertBitIdentical(g.data, expected.data, "aux backward after intermediate.data.fill(0.5)");
+    } finally {
+      router.dispose();
+    }
+  },
+});

@@ -129,6 +129,51 @@ export interface Router {
  * gradient is one, whatever the forward was. The aux-loss backward, whose
  * gradient is a scalar, gives a GpuTensor when the forward's probs were
  * GPU-resident (`saved.gpuResident`) or `gradLoss` is a GpuTensor.
+ *
+ * Keep what a saved state reads until its backward has been submitted: the
+ * `intermediate` (and routing output) of a GPU-resident forward, and a
+ * GPU-resident `tokensPerExpert` (read in place by the aux-loss backward).
+ *
+ * @example Aux-loss scores and their gradient without a readback (where a WebGPU adapter exists)
+ * ```ts
+ * import { createRouter, readGpuTensor, toGpuTensor } from "./mod.ts";
+ * import assert from "node:assert";
+ *
+ * if (await navigator.gpu?.requestAdapter()) {
+ *   const router = await createRouter({ backend: "webgpu" });
+ *   const device = router.device!;
+ *   const logits = toGpuTensor(device, { data: new Float32Array([0, 0, 0, 0]), shape: [1, 4], dtype: "float32" });
+ *   const { scores, routingMap, saved } = await router.fusedComputeScoreForMoEAuxLoss(logits, {
+ *     topk: 1, scoreFunction: "sigmoid",
+ *   });
+ *   assert.deepStrictEqual([...(await readGpuTensor(device, scores)).data], [0.25, 0.25, 0.25, 0.25]);
+ *   assert.deepStrictEqual([...(await readGpuTensor(device, routingMap)).data], [1, 0, 0, 0]);
+ *   const gradScores = toGpuTensor(device, { data: new Float32Array(4).fill(1), shape: [1, 4], dtype: "float32" });
+ *   const gradLogits = await router.fusedComputeScoreForMoEAuxLossBackward(saved, gradScores);
+ *   assert.ok((await readGpuTensor(device, gradLogits)).data.every((v) => Math.abs(v) < 1e-6));
+ *   router.dispose();
+ * }
+ * ```
+ *
+ * @example The aux loss of GPU-resident probs; its gradient stays on the GPU (where a WebGPU adapter exists)
+ * ```ts
+ * import { createRouter, readGpuTensor, toGpuTensor } from "./mod.ts";
+ * import assert from "node:assert";
+ *
+ * if (await navigator.gpu?.requestAdapter()) {
+ *   const router = await createRouter({ backend: "webgpu" });
+ *   const device = router.device!;
+ *   const probs = toGpuTensor(device, { data: new Float32Array([0.5, 0.5, 1, 0]), shape: [2, 2], dtype: "float32" });
+ *   const tokensPerExpert = toGpuTensor(device, { data: new Int32Array([1, 1]), shape: [2], dtype: "int32" });
+ *   const { loss, saved } = await router.fusedMoEAuxLoss(probs, tokensPerExpert, {
+ *     totalNumTokens: 2, numExperts: 2, topk: 1, coeff: 1,
+ *   });
+ *   assert.deepStrictEqual((await readGpuTensor(device, loss)).data[0], 1); // (1.5 + 0.5) * 2 / 4
+ *   const gradProbs = await router.fusedMoEAuxLossBackward(saved, 1); // a GpuTensor: the forward was GPU-resident
+ *   assert.deepStrictEqual([...(await readGpuTensor(device, gradProbs)).data], [0.5, 0.5, 0.5, 0.5]);
+ *   router.dispose();
+ * }
+ * ```
  */
 export interface GpuResidentOps {
   /** Top-k forward on GPU-resident logits (and optionally a GPU-resident expertBias). */
@@ -143,10 +188,15 @@ export interface GpuResidentOps {
     logits: GpuTensor<FloatDType>,
     options: GpuAuxScoresOptions,
   ): Promise<GpuAuxScoresResult>;
-  /** Aux-scores backward with GPU-resident float32 gradScores: gradLogits is a new GpuTensor (logits dtype). */
+  /**
+   * Aux-scores backward with GPU-resident gradScores: gradLogits is a new
+   * GpuTensor (logits dtype). gradScores must be float32 (checked before any
+   * GPU work; typed as any float dtype so that the float32 gradProbs of the
+   * aux-loss backward passes as it is).
+   */
   fusedComputeScoreForMoEAuxLossBackward(
     saved: AuxScoresResult["saved"],
-    gradScores: GpuTensor<"float32">,
+    gradScores: GpuTensor<FloatDType>,
   ): Promise<GpuTensor<FloatDType>>;
   /** Aux loss of GPU-resident probs (tokensPerExpert on the host or the GPU): the loss is a new 0-d GpuTensor. */
   fusedMoEAuxLoss(
@@ -418,11 +468,11 @@ class BoundRouter implements Router, GpuResidentOps {
   ): Promise<FloatTensor>;
   fusedComputeScoreForMoEAuxLossBackward(
     saved: AuxScoresResult["saved"],
-    gradScores: GpuTensor<"float32">,
+    gradScores: GpuTensor<FloatDType>,
   ): Promise<GpuTensor<FloatDType>>;
   async fusedComputeScoreForMoEAuxLossBackward(
     saved: AuxScoresResult["saved"],
-    gradScores: Tensor<"float32"> | GpuTensor<"float32">,
+    gradScores: Tensor<"float32"> | GpuTensor<FloatDType>,
   ): Promise<FloatTensor | GpuTensor<FloatDType>> {
     if (isGpuTensor(gradScores)) {
       const b = this.#gpu("gradScores");

@@ -4,7 +4,7 @@
 // work split beyond lowered limits, integer token counts widened as the host
 // widens them, and every error raised before any GPU work.
 import assert from "node:assert";
-import { createRouter, readGpuTensor, toGpuTensor } from "../mod.ts";
+import { createRouter, fusedMoEAuxLossBackward, readGpuTensor, toGpuTensor } from "../mod.ts";
 import type {
   AuxLossOptions,
   DType,
@@ -451,6 +451,12 @@ Deno.test({
           () => router.fusedMoEAuxLossBackward(scores.saved, one),
           TypeError,
           /saved must come from fusedMoEAuxLoss, got a state from fusedComputeScoreForMoEAuxLoss/,
+        ],
+        [
+          "a GPU-resident aux-loss state to the module-level backward",
+          () => fusedMoEAuxLossBackward(loss.saved, 1),
+          TypeError,
+          /saved comes from a GPU-resident fusedMoEAuxLoss: run its backward on the router that ran it/,
         ],
         [
           "integer logits",

@@ -65,11 +65,16 @@ export class Saved<P> implements SavedState {
   #released = false;
   #onRelease: ((payload: unknown) => void) | undefined;
 
+  /**
+   * `gpuResident`: the forward took GPU-resident inputs and gave GpuTensors
+   * (its payload is on the GPU; the aux-loss backward then gives a GpuTensor).
+   */
   constructor(
     readonly backend: Backend["name"],
     readonly op: SavedOp,
     readonly plan: P,
     payload: unknown,
+    readonly gpuResident: boolean = false,
     onRelease?: (payload: unknown) => void,
   ) {
     this.#payload = payload;
@@ -89,7 +94,11 @@ export class Saved<P> implements SavedState {
   }
 
   /** The payload, after checking the state fits the backward asking for it. */
-  static take<P>(saved: unknown, op: SavedOp, backend: Backend["name"]): { plan: P; payload: unknown } {
+  static take<P>(
+    saved: unknown,
+    op: SavedOp,
+    backend: Backend["name"],
+  ): { plan: P; payload: unknown; gpuResident: boolean } {
     if (!(saved instanceof Saved)) {
       throw new TypeError(`saved must be the saved state returned by ${OP_NAMES[op]}, got ${describeSaved(saved)}`);
     }
@@ -100,7 +109,7 @@ export class Saved<P> implements SavedState {
       throw new TypeError(`saved comes from the ${saved.backend} backend, this router runs ${backend}`);
     }
     if (saved.#released) throw new TypeError(`saved was released and cannot be used for backward`);
-    return { plan: saved.plan as P, payload: saved.#payload };
+    return { plan: saved.plan as P, payload: saved.#payload, gpuResident: saved.gpuResident };
   }
 }
 

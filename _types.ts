@@ -146,8 +146,25 @@ export interface SavedState {
   readonly backend: BackendName;
   /** True once released. */
   readonly released: boolean;
+  /**
+   * True when the forward ran on GPU-resident inputs (logits, probs) and gave
+   * GpuTensors: what the state keeps is on the GPU, and the aux-loss backward
+   * returns a GpuTensor (see {@linkcode GpuSavedState}).
+   */
+  readonly gpuResident?: boolean;
   /** Frees what the state holds; idempotent. */
   release(): void;
+}
+
+/**
+ * The saved state of a forward call on GPU-resident inputs (its outputs are
+ * GpuTensors). What it keeps stays on the GPU; for the aux loss, whose
+ * gradient is a scalar, it also decides where the backward's result goes:
+ * `gradProbs` is a GpuTensor.
+ */
+export interface GpuSavedState extends SavedState {
+  /** Always true for a state of a GPU-resident forward. */
+  readonly gpuResident: true;
 }
 
 /** Result of {@linkcode fusedTopkWithScoreFunction}. */
@@ -193,7 +210,7 @@ export interface GpuTopkResult {
   /** [..., E] float32, saved for backward. */
   intermediate: GpuTensor<"float32">;
   /** State for {@linkcode fusedTopkWithScoreFunctionBackward}. */
-  saved: SavedState;
+  saved: GpuSavedState;
 }
 
 /** Result of {@linkcode fusedComputeScoreForMoEAuxLoss}. */
@@ -214,6 +231,45 @@ export interface AuxLossResult {
   loss: FloatTensor;
   /** State for {@linkcode fusedMoEAuxLossBackward}. */
   saved: SavedState;
+}
+
+/**
+ * Options of {@linkcode fusedComputeScoreForMoEAuxLoss} on GPU-resident
+ * logits: those of {@linkcode AuxScoresOptions} but `checkFinite` (the data
+ * is not read on the host).
+ */
+export type GpuAuxScoresOptions = Omit<AuxScoresOptions, "checkFinite">;
+
+/**
+ * Result of {@linkcode fusedComputeScoreForMoEAuxLoss} on GPU-resident
+ * logits: the outputs of {@linkcode AuxScoresResult} as new GpuTensors the
+ * caller owns (usage STORAGE | COPY_SRC | COPY_DST). The saved state keeps
+ * `intermediate` on the GPU: destroy or overwrite it only after the backward
+ * call (or `saved.release()`).
+ */
+export interface GpuAuxScoresResult {
+  /** [..., E] float32 normalised scores. */
+  scores: GpuTensor<"float32">;
+  /** Top-K routing map of the scores ([..., E] bytemap or [..., ceil(E/8)] bitmap_u8). */
+  routingMap: GpuTensor<"uint8">;
+  /** [..., E] float32, saved for backward. */
+  intermediate: GpuTensor<"float32">;
+  /** State for {@linkcode fusedComputeScoreForMoEAuxLossBackward}. */
+  saved: GpuSavedState;
+}
+
+/**
+ * Result of {@linkcode fusedMoEAuxLoss} on GPU-resident probs: the loss as a
+ * new 0-d GpuTensor the caller owns (one element of the probs dtype in a
+ * 4-byte buffer, usage STORAGE | COPY_SRC | COPY_DST). A GPU-resident
+ * tokensPerExpert is read in place by the backward too: keep it unchanged
+ * until the backward call.
+ */
+export interface GpuAuxLossResult {
+  /** The loss, a 0-d GpuTensor (shape []) in the probs dtype. */
+  loss: GpuTensor<FloatDType>;
+  /** State for {@linkcode fusedMoEAuxLossBackward}: its gradProbs is a GpuTensor. */
+  saved: GpuSavedState;
 }
 
 /** Dtypes accepted for the tokens-per-expert counts of the aux loss. */

@@ -82,6 +82,20 @@ export interface AuxLossPlan {
   readonly constant: number;
 }
 
+/**
+ * An aux-loss plan as {@linkcode planAuxLoss} gives it and the webgpu backend
+ * takes it: tokensPerExpert widened on the host, or the caller's GPU-resident
+ * tensor (widened on the GPU, read in place by forward and backward).
+ */
+export interface GpuAuxLossPlan extends Omit<AuxLossPlan, "tpe"> {
+  readonly tpe: Float32Array | GpuTensor<TokensPerExpertDType>;
+}
+
+/** Whether an aux-loss plan has host tokensPerExpert (every backend takes it). */
+export function isHostAuxLossPlan(plan: GpuAuxLossPlan): plan is AuxLossPlan {
+  return plan.tpe instanceof Float32Array;
+}
+
 const FLOAT_DTYPES: readonly FloatDType[] = ["float32", "float16", "bfloat16"];
 const SCORE_FUNCTIONS: readonly ScoreFunction[] = ["softmax", "sigmoid", "sqrtsoftplus"];
 const MAP_FORMATS: readonly RoutingMapFormat[] = ["bytemap", "bitmap_u8"];
@@ -245,6 +259,18 @@ function checkFinite(flag: unknown, logits: FloatTensor, E: number): void {
   }
 }
 
+// Options that only host logits take (caller output buffers, checkFinite):
+// refused, unless absent or false, when the logits are GPU-resident.
+function refuseHostOnly(o: Record<string, unknown>, names: readonly string[]): void {
+  for (const name of names) {
+    if (o[name] !== undefined && o[name] !== false) {
+      throw new TypeError(
+        `${name} applies to host logits; with GPU-resident logits the outputs are new GpuTensors, got ${name} with a GpuTensor`,
+      );
+    }
+  }
+}
+
 /** Validates the arguments of the top-k forward and resolves defaults. */
 export function planTopk(logits: unknown, options: unknown): TopkPlan {
   const gpu = isGpuTensor(logits);
@@ -252,15 +278,7 @@ export function planTopk(logits: unknown, options: unknown): TopkPlan {
   else checkFloatTensor("logits", logits);
   checkObject("options", options);
   const o = options as Partial<TopkOptions>;
-  if (gpu) {
-    for (const name of ["indicesOut", "probsOut", "intermediateOut", "routingMapOut", "checkFinite"] as const) {
-      if (o[name] !== undefined && o[name] !== false) {
-        throw new TypeError(
-          `${name} applies to host logits; with GPU-resident logits the outputs are new GpuTensors, got ${name} with a GpuTensor`,
-        );
-      }
-    }
-  }
+  if (gpu) refuseHostOnly(o, ["indicesOut", "probsOut", "intermediateOut", "routingMapOut", "checkFinite"]);
   const { T, E } = tokensAndExperts("logits", logits);
   const K = topkIn(o.topk, E);
   const score = scoreFunction(o.scoreFunction);
@@ -435,32 +453,39 @@ export function outputBuffer<A extends ArrayBufferView & { length: number }>(
   return v;
 }
 
-/** Validates the arguments of the aux-loss scores. */
+/** Validates the arguments of the aux-loss scores (host or GPU-resident logits). */
 export function planAuxScores(logits: unknown, options: unknown): AuxScoresPlan {
-  checkFloatTensor("logits", logits);
+  const gpu = isGpuTensor(logits);
+  if (gpu) checkGpuTensor("logits", logits, FLOAT_DTYPES);
+  else checkFloatTensor("logits", logits);
   checkObject("options", options);
   const o = options as Partial<AuxScoresOptions>;
+  if (gpu) refuseHostOnly(o, ["checkFinite"]);
   const { T, E } = tokensAndExperts("logits", logits);
   const K = topkIn(o.topk, E);
   const score = scoreFunction(o.scoreFunction);
   const route = mapFormat(o.routingMapFormat);
   const threshold = radixThreshold(o.radixTopkThreshold);
-  checkFinite(o.checkFinite, logits, E);
+  if (!gpu) checkFinite(o.checkFinite, logits, E);
   return {
     shape: [...logits.shape],
     T,
     E,
     K,
-    dtype: logits.dtype,
+    dtype: logits.dtype as FloatDType,
     score,
     route,
     radixThreshold: threshold,
   };
 }
 
-/** Validates the arguments of the aux loss and widens tokensPerExpert. */
-export function planAuxLoss(probs: unknown, tokensPerExpert: unknown, options: unknown): AuxLossPlan {
-  checkFloatTensor("probs", probs);
+/**
+ * Validates the arguments of the aux loss (probs and tokensPerExpert on the
+ * host or GPU-resident) and widens host tokensPerExpert.
+ */
+export function planAuxLoss(probs: unknown, tokensPerExpert: unknown, options: unknown): GpuAuxLossPlan {
+  if (isGpuTensor(probs)) checkGpuTensor("probs", probs, FLOAT_DTYPES);
+  else checkFloatTensor("probs", probs);
   checkObject("options", options);
   const o = options as Partial<AuxLossOptions>;
   if (probs.shape.length !== 2) {
@@ -470,17 +495,22 @@ export function planAuxLoss(probs: unknown, tokensPerExpert: unknown, options: u
   const cols = probs.shape[1] as number;
   if (cols <= 0) throw new RangeError(`probs must have at least one column, got shape [${probs.shape.join(", ")}]`);
   checkObject("tokensPerExpert", tokensPerExpert);
-  const tpe = tokensPerExpert as unknown as Tensor;
-  if (!TPE_DTYPES.includes(tpe.dtype as TokensPerExpertDType)) {
-    throw new TypeError(`tokensPerExpert.dtype must be one of ${TPE_DTYPES.join(", ")}, got ${describe(tpe.dtype)}`);
+  const tpeGpu = isGpuTensor(tokensPerExpert);
+  const tpe = tokensPerExpert as unknown as Tensor | GpuTensor;
+  if (tpeGpu) checkGpuTensor("tokensPerExpert", tokensPerExpert, TPE_DTYPES, false);
+  else {
+    const t = tpe as Tensor;
+    if (!TPE_DTYPES.includes(t.dtype as TokensPerExpertDType)) {
+      throw new TypeError(`tokensPerExpert.dtype must be one of ${TPE_DTYPES.join(", ")}, got ${describe(t.dtype)}`);
+    }
+    const ctor = ARRAY_OF[t.dtype];
+    if (ctor === undefined || !(t.data instanceof ctor)) {
+      throw new TypeError(
+        `tokensPerExpert.data must be a ${ctor?.name} for dtype ${t.dtype}, got ${describe(t.data)}`,
+      );
+    }
+    checkShape("tokensPerExpert", t);
   }
-  const ctor = ARRAY_OF[tpe.dtype];
-  if (ctor === undefined || !(tpe.data instanceof ctor)) {
-    throw new TypeError(
-      `tokensPerExpert.data must be a ${ctor?.name} for dtype ${tpe.dtype}, got ${describe(tpe.data)}`,
-    );
-  }
-  checkShape("tokensPerExpert", tpe);
   if (tpe.shape.length !== 1 || tpe.shape[0] !== cols) {
     throw new TypeError(
       `tokensPerExpert.shape must be [${cols}] (the columns of probs), got [${tpe.shape.join(", ")}]`,
@@ -500,8 +530,8 @@ export function planAuxLoss(probs: unknown, tokensPerExpert: unknown, options: u
     shape: [...probs.shape],
     rows,
     cols,
-    dtype: probs.dtype,
-    tpe: toFloat32(tpe as Tensor<TokensPerExpertDType>),
+    dtype: probs.dtype as FloatDType,
+    tpe: tpeGpu ? tokensPerExpert as GpuTensor<TokensPerExpertDType> : toFloat32(tpe as Tensor<TokensPerExpertDType>),
     constant: (numExperts * coeff) / (topk * totalNumTokens * totalNumTokens),
   };
 }
@@ -516,18 +546,18 @@ export function isGpuTensor(v: unknown): v is GpuTensor {
 const GPU_USAGE_STORAGE = 0x80; // GPUBufferUsage.STORAGE
 
 /**
- * Checks a GPU-resident input tensor: its dtype among `dtypes`, its shape,
- * a buffer of at least the tensor's bytes (rounded up to 4), with
- * GPUBufferUsage.STORAGE, not mapped.
+ * Checks a GPU-resident input tensor: its dtype among `dtypes`, its shape
+ * (rank >= 1 unless `rank1` is false), a buffer of at least the tensor's
+ * bytes (rounded up to 4), with GPUBufferUsage.STORAGE, not mapped.
  */
-export function checkGpuTensor(name: string, t: GpuTensor, dtypes: readonly DType[]): void {
+export function checkGpuTensor(name: string, t: GpuTensor, dtypes: readonly DType[], rank1 = true): void {
   if (!dtypes.includes(t.dtype)) {
     throw new TypeError(`${name}.dtype must be one of ${dtypes.join(", ")}, got ${describe(t.dtype)}`);
   }
   if (!Array.isArray(t.shape) || t.shape.some((d) => !Number.isSafeInteger(d) || d < 0)) {
     throw new TypeError(`${name}.shape must be an array of non-negative integers, got ${describe(t.shape)}`);
   }
-  if (t.shape.length < 1) {
+  if (rank1 && t.shape.length < 1) {
     throw new TypeError(`${name} must have at least one dimension (the expert axis), got shape []`);
   }
   const n = sizeOf(t.shape);
@@ -565,6 +595,36 @@ export function checkGrad(
       `${name}.shape must be [${shape.join(", ")}] (the forward's shape), got [${grad.shape.join(", ")}]`,
     );
   }
+}
+
+/**
+ * The gradient of the aux loss: a number, a one-element host float tensor
+ * (its value, widened), or a one-element GPU-resident float tensor (checked
+ * and returned; the kernel reads it in place).
+ */
+export function checkGradLoss(v: unknown): number | GpuTensor<FloatDType> {
+  if (typeof v === "number") return v;
+  if (isGpuTensor(v)) {
+    checkGpuTensor("gradLoss", v, FLOAT_DTYPES, false);
+    if (sizeOf(v.shape) !== 1) {
+      throw new TypeError(
+        `gradLoss must be a one-element tensor (shape [] or [1]), got a GpuTensor of shape [${v.shape.join(", ")}]`,
+      );
+    }
+    return v as GpuTensor<FloatDType>;
+  }
+  if (typeof v === "object" && v !== null && ArrayBuffer.isView((v as Tensor).data)) {
+    const d = (v as Tensor).data;
+    if (d.length === 1) {
+      if (d instanceof Uint16Array) {
+        return new Float32Array(new Uint32Array([(d[0] as number) << 16]).buffer)[0] as number;
+      }
+      return Number(d[0]);
+    }
+  }
+  throw new TypeError(
+    `gradLoss must be a number or a one-element float tensor (host or GpuTensor), got ${describe(v)}`,
+  );
 }
 
 /** Widens a float or integer tensor to a fresh Float32Array (bfloat16 by bits, int64 through Number). */

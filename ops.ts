@@ -171,6 +171,8 @@ export async function fusedMoEAuxLoss(
  * @param saved the `saved` of the forward call
  * @param gradLoss a number, or a one-element float tensor
  * @returns gradProbs in the probs' dtype and shape
+ * @throws {TypeError} for a foreign, released or GPU-resident state (the
+ *   backward of a GPU-resident forward runs on its router, see {@linkcode GpuResidentOps})
  *
  * @example
  * ```ts
@@ -185,5 +187,11 @@ export async function fusedMoEAuxLoss(
  * ```
  */
 export async function fusedMoEAuxLossBackward(saved: SavedState, gradLoss: number | FloatTensor): Promise<FloatTensor> {
+  // its gradProbs would be a GpuTensor on another router's device
+  if ((saved as SavedState | null | undefined)?.gpuResident === true) {
+    throw new TypeError(
+      `saved comes from a GPU-resident fusedMoEAuxLoss: run its backward on the router that ran it, got a GPU-resident state`,
+    );
+  }
   return (await router()).fusedMoEAuxLossBackward(saved, gradLoss);
 }

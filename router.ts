@@ -13,12 +13,18 @@ import type {
   BackendName,
   FloatDType,
   FloatTensor,
+  GpuAuxLossResult,
+  GpuAuxScoresOptions,
+  GpuAuxScoresResult,
+  GpuSavedState,
   GpuTensor,
   GpuTopkOptions,
   GpuTopkResult,
   IndexArray,
   IndexDType,
+  SavedState,
   Tensor,
+  TokensPerExpertDType,
   TopkOptions,
   TopkResult,
 } from "./_types.ts";
@@ -26,7 +32,10 @@ import {
   type AuxLossPlan,
   type AuxScoresPlan,
   checkGrad,
+  checkGradLoss,
+  type GpuAuxLossPlan,
   isGpuTensor,
+  isHostAuxLossPlan,
   outputBuffer,
   planAuxLoss,
   planAuxScores,
@@ -106,12 +115,65 @@ export interface Router {
 }
 
 /**
- * The GPU-resident forms of the top-k operations, on a router that runs
- * WebGPU ("webgpu", or "auto" with a hardware adapter): inputs are
+ * The GPU-resident forms of the operations, on a router that runs WebGPU
+ * ("webgpu", or "auto" with a hardware adapter): inputs are
  * {@linkcode GpuTensor}s on `router.device`, outputs are new GpuTensors the
  * caller owns (usage `STORAGE | COPY_SRC | COPY_DST`), nothing is read back,
  * and the saved state stays on the GPU. Input buffers need
  * `GPUBufferUsage.STORAGE`. A router without WebGPU refuses them (TypeError).
+ *
+ * Where the result goes: a forward gives GpuTensors when its main input
+ * (logits, probs) is GPU-resident; a GPU-resident side input alone
+ * (`expertBias`, `tokensPerExpert`) runs the call on the GPU and gives host
+ * results. The top-k and aux-scores backward give a GpuTensor when the
+ * gradient is one, whatever the forward was. The aux-loss backward, whose
+ * gradient is a scalar, gives a GpuTensor when the forward's probs were
+ * GPU-resident (`saved.gpuResident`) or `gradLoss` is a GpuTensor.
+ *
+ * Keep what a saved state reads until its backward has been submitted: the
+ * `intermediate` (and routing output) of a GPU-resident forward, and a
+ * GPU-resident `tokensPerExpert` (read in place by the aux-loss backward).
+ *
+ * @example Aux-loss scores and their gradient without a readback (where a WebGPU adapter exists)
+ * ```ts
+ * import { createRouter, readGpuTensor, toGpuTensor } from "./mod.ts";
+ * import assert from "node:assert";
+ *
+ * if (await navigator.gpu?.requestAdapter()) {
+ *   const router = await createRouter({ backend: "webgpu" });
+ *   const device = router.device!;
+ *   const logits = toGpuTensor(device, { data: new Float32Array([0, 0, 0, 0]), shape: [1, 4], dtype: "float32" });
+ *   const { scores, routingMap, saved } = await router.fusedComputeScoreForMoEAuxLoss(logits, {
+ *     topk: 1, scoreFunction: "sigmoid",
+ *   });
+ *   assert.deepStrictEqual([...(await readGpuTensor(device, scores)).data], [0.25, 0.25, 0.25, 0.25]);
+ *   assert.deepStrictEqual([...(await readGpuTensor(device, routingMap)).data], [1, 0, 0, 0]);
+ *   const gradScores = toGpuTensor(device, { data: new Float32Array(4).fill(1), shape: [1, 4], dtype: "float32" });
+ *   const gradLogits = await router.fusedComputeScoreForMoEAuxLossBackward(saved, gradScores);
+ *   assert.ok((await readGpuTensor(device, gradLogits)).data.every((v) => Math.abs(v) < 1e-6));
+ *   router.dispose();
+ * }
+ * ```
+ *
+ * @example The aux loss of GPU-resident probs; its gradient stays on the GPU (where a WebGPU adapter exists)
+ * ```ts
+ * import { createRouter, readGpuTensor, toGpuTensor } from "./mod.ts";
+ * import assert from "node:assert";
+ *
+ * if (await navigator.gpu?.requestAdapter()) {
+ *   const router = await createRouter({ backend: "webgpu" });
+ *   const device = router.device!;
+ *   const probs = toGpuTensor(device, { data: new Float32Array([0.5, 0.5, 1, 0]), shape: [2, 2], dtype: "float32" });
+ *   const tokensPerExpert = toGpuTensor(device, { data: new Int32Array([1, 1]), shape: [2], dtype: "int32" });
+ *   const { loss, saved } = await router.fusedMoEAuxLoss(probs, tokensPerExpert, {
+ *     totalNumTokens: 2, numExperts: 2, topk: 1, coeff: 1,
+ *   });
+ *   assert.deepStrictEqual((await readGpuTensor(device, loss)).data[0], 1); // (1.5 + 0.5) * 2 / 4
+ *   const gradProbs = await router.fusedMoEAuxLossBackward(saved, 1); // a GpuTensor: the forward was GPU-resident
+ *   assert.deepStrictEqual([...(await readGpuTensor(device, gradProbs)).data], [0.5, 0.5, 0.5, 0.5]);
+ *   router.dispose();
+ * }
+ * ```
  */
 export interface GpuResidentOps {
   /** Top-k forward on GPU-resident logits (and optionally a GPU-resident expertBias). */
@@ -121,6 +183,40 @@ export interface GpuResidentOps {
     saved: TopkResult["saved"],
     gradProbs: GpuTensor<FloatDType>,
   ): Promise<GpuTensor<FloatDType>>;
+  /** Aux-loss scores of GPU-resident logits: scores, routingMap and intermediate are new GpuTensors. */
+  fusedComputeScoreForMoEAuxLoss(
+    logits: GpuTensor<FloatDType>,
+    options: GpuAuxScoresOptions,
+  ): Promise<GpuAuxScoresResult>;
+  /**
+   * Aux-scores backward with GPU-resident gradScores: gradLogits is a new
+   * GpuTensor (logits dtype). gradScores must be float32 (checked before any
+   * GPU work; typed as any float dtype so that the float32 gradProbs of the
+   * aux-loss backward passes as it is).
+   */
+  fusedComputeScoreForMoEAuxLossBackward(
+    saved: AuxScoresResult["saved"],
+    gradScores: GpuTensor<FloatDType>,
+  ): Promise<GpuTensor<FloatDType>>;
+  /** Aux loss of GPU-resident probs (tokensPerExpert on the host or the GPU): the loss is a new 0-d GpuTensor. */
+  fusedMoEAuxLoss(
+    probs: GpuTensor<FloatDType>,
+    tokensPerExpert: Tensor | GpuTensor<TokensPerExpertDType>,
+    options: AuxLossOptions,
+  ): Promise<GpuAuxLossResult>;
+  /** Aux loss of host probs with GPU-resident tokensPerExpert: runs on the GPU, the loss comes back to the host. */
+  fusedMoEAuxLoss(
+    probs: FloatTensor,
+    tokensPerExpert: GpuTensor<TokensPerExpertDType>,
+    options: AuxLossOptions,
+  ): Promise<AuxLossResult>;
+  /** Aux-loss backward of a GPU-resident forward: gradProbs is a new GpuTensor, whatever form gradLoss takes. */
+  fusedMoEAuxLossBackward(
+    saved: GpuSavedState,
+    gradLoss: number | FloatTensor | GpuTensor<FloatDType>,
+  ): Promise<GpuTensor<FloatDType>>;
+  /** Aux-loss backward with a one-element GPU-resident gradLoss: gradProbs is a new GpuTensor. */
+  fusedMoEAuxLossBackward(saved: SavedState, gradLoss: GpuTensor<FloatDType>): Promise<GpuTensor<FloatDType>>;
 }
 
 const BACKENDS: readonly BackendChoice[] = ["auto", "wasm", "webgpu"];
@@ -148,7 +244,7 @@ const BACKENDS: readonly BackendChoice[] = ["auto", "wasm", "webgpu"];
  * router.dispose();
  * ```
  */
-export async function createRouter(options: RouterOptions = {}): Promise<Router & GpuResidentOps> {
+export async function createRouter(options: RouterOptions = {}): Promise<GpuResidentOps & Router> {
   const choice = options.backend ?? "auto";
   if (!BACKENDS.includes(choice)) {
     throw new TypeError(`backend must be one of ${BACKENDS.join(", ")}, got ${describe(choice)}`);
@@ -257,7 +353,7 @@ class BoundRouter implements Router, GpuResidentOps {
     const result: GpuTopkResult = {
       probs: { buffer: out.probs, shape: [...plan.shape], dtype: plan.dtype },
       intermediate: { buffer: out.intermediate, shape: [...plan.shape], dtype: "float32" },
-      saved: new Saved<TopkPlan>(b.name, "topk", plan, out.payload),
+      saved: new Saved<TopkPlan>(b.name, "topk", plan, out.payload, true) as GpuSavedState,
     };
     if (plan.route === "bytemap" || plan.route === "bitmap_u8") {
       const last = plan.route === "bytemap" ? plan.E : Math.ceil(plan.E / 8);
@@ -334,23 +430,57 @@ class BoundRouter implements Router, GpuResidentOps {
     return { data, shape: [...plan.shape], dtype: plan.dtype };
   }
 
-  async fusedComputeScoreForMoEAuxLoss(logits: FloatTensor, options: AuxScoresOptions): Promise<AuxScoresResult> {
+  fusedComputeScoreForMoEAuxLoss(logits: FloatTensor, options: AuxScoresOptions): Promise<AuxScoresResult>;
+  fusedComputeScoreForMoEAuxLoss(
+    logits: GpuTensor<FloatDType>,
+    options: GpuAuxScoresOptions,
+  ): Promise<GpuAuxScoresResult>;
+  async fusedComputeScoreForMoEAuxLoss(
+    logits: FloatTensor | GpuTensor<FloatDType>,
+    options: AuxScoresOptions | GpuAuxScoresOptions,
+  ): Promise<AuxScoresResult | GpuAuxScoresResult> {
     const plan = planAuxScores(logits, options);
+    const last = plan.route === "bytemap" ? plan.E : Math.ceil(plan.E / 8);
+    const mapShape = [...plan.shape.slice(0, -1), last];
+    if (isGpuTensor(logits)) {
+      const b = this.#gpu("logits");
+      const out = await b.auxScoresForwardGpu(plan, logits);
+      return {
+        scores: { buffer: out.scores, shape: [...plan.shape], dtype: "float32" },
+        routingMap: { buffer: out.route, shape: mapShape, dtype: "uint8" },
+        intermediate: { buffer: out.intermediate, shape: [...plan.shape], dtype: "float32" },
+        saved: new Saved<AuxScoresPlan>(b.name, "auxScores", plan, out.payload, true) as GpuSavedState,
+      };
+    }
     const b = this.#use(plan.T * plan.E);
     const out = await b.auxScoresForward(plan, logits);
-    const last = plan.route === "bytemap" ? plan.E : Math.ceil(plan.E / 8);
     return {
       scores: { data: out.scores, shape: [...plan.shape], dtype: "float32" },
-      routingMap: { data: out.route, shape: [...plan.shape.slice(0, -1), last], dtype: "uint8" },
+      routingMap: { data: out.route, shape: mapShape, dtype: "uint8" },
       intermediate: { data: out.intermediate, shape: [...plan.shape], dtype: "float32" },
       saved: new Saved<AuxScoresPlan>(b.name, "auxScores", plan, out.payload),
     };
   }
 
-  async fusedComputeScoreForMoEAuxLossBackward(
+  fusedComputeScoreForMoEAuxLossBackward(
     saved: AuxScoresResult["saved"],
     gradScores: Tensor<"float32">,
-  ): Promise<FloatTensor> {
+  ): Promise<FloatTensor>;
+  fusedComputeScoreForMoEAuxLossBackward(
+    saved: AuxScoresResult["saved"],
+    gradScores: GpuTensor<FloatDType>,
+  ): Promise<GpuTensor<FloatDType>>;
+  async fusedComputeScoreForMoEAuxLossBackward(
+    saved: AuxScoresResult["saved"],
+    gradScores: Tensor<"float32"> | GpuTensor<FloatDType>,
+  ): Promise<FloatTensor | GpuTensor<FloatDType>> {
+    if (isGpuTensor(gradScores)) {
+      const b = this.#gpu("gradScores");
+      const { plan, payload } = Saved.take<AuxScoresPlan>(saved, "auxScores", b.name);
+      checkGrad("gradScores", gradScores, plan.shape, "float32");
+      const buffer = await b.auxScoresBackwardGpu(plan, payload, gradScores);
+      return { buffer, shape: [...plan.shape], dtype: plan.dtype };
+    }
     const b = this.#use(0, savedBackend(saved));
     const { plan, payload } = Saved.take<AuxScoresPlan>(saved, "auxScores", b.name);
     checkGrad("gradScores", gradScores, plan.shape, "float32");
@@ -358,21 +488,63 @@ class BoundRouter implements Router, GpuResidentOps {
     return { data, shape: [...plan.shape], dtype: plan.dtype };
   }
 
-  async fusedMoEAuxLoss(probs: FloatTensor, tokensPerExpert: Tensor, options: AuxLossOptions): Promise<AuxLossResult> {
+  fusedMoEAuxLoss(probs: FloatTensor, tokensPerExpert: Tensor, options: AuxLossOptions): Promise<AuxLossResult>;
+  fusedMoEAuxLoss(
+    probs: GpuTensor<FloatDType>,
+    tokensPerExpert: Tensor | GpuTensor<TokensPerExpertDType>,
+    options: AuxLossOptions,
+  ): Promise<GpuAuxLossResult>;
+  fusedMoEAuxLoss(
+    probs: FloatTensor,
+    tokensPerExpert: GpuTensor<TokensPerExpertDType>,
+    options: AuxLossOptions,
+  ): Promise<AuxLossResult>;
+  async fusedMoEAuxLoss(
+    probs: FloatTensor | GpuTensor<FloatDType>,
+    tokensPerExpert: Tensor | GpuTensor<TokensPerExpertDType>,
+    options: AuxLossOptions,
+  ): Promise<AuxLossResult | GpuAuxLossResult> {
     const plan = planAuxLoss(probs, tokensPerExpert, options);
-    const b = this.#use(plan.rows * plan.cols);
-    const data = await b.auxLossForward(plan, probs);
+    if (isGpuTensor(probs)) {
+      const b = this.#gpu("probs");
+      return {
+        loss: { buffer: await b.auxLossForwardGpu(plan, probs), shape: [], dtype: plan.dtype },
+        saved: new Saved<GpuAuxLossPlan>(b.name, "auxLoss", plan, null, true) as GpuSavedState,
+      };
+    }
+    // host probs: a GPU-resident tokensPerExpert runs the call on the GPU, the loss comes back
+    const b = isHostAuxLossPlan(plan) ? this.#use(plan.rows * plan.cols) : this.#gpu("tokensPerExpert");
+    // (only the webgpu backend takes a GPU-resident tokensPerExpert; #gpu sent those calls to it)
+    const data = b instanceof WebGpuBackend
+      ? await b.auxLossForward(plan, probs)
+      : await b.auxLossForward(plan as AuxLossPlan, probs);
     return {
       loss: { data, shape: [], dtype: plan.dtype },
-      saved: new Saved<AuxLossPlan>(b.name, "auxLoss", plan, null),
+      saved: new Saved<GpuAuxLossPlan>(b.name, "auxLoss", plan, null),
     };
   }
 
-  async fusedMoEAuxLossBackward(saved: AuxLossResult["saved"], gradLoss: number | FloatTensor): Promise<FloatTensor> {
-    const b = this.#use(0, savedBackend(saved));
-    const { plan } = Saved.take<AuxLossPlan>(saved, "auxLoss", b.name);
-    const g = scalarOf(gradLoss);
-    const data = await b.auxLossBackward(plan, g);
+  fusedMoEAuxLossBackward(saved: AuxLossResult["saved"], gradLoss: number | FloatTensor): Promise<FloatTensor>;
+  fusedMoEAuxLossBackward(
+    saved: GpuSavedState,
+    gradLoss: number | FloatTensor | GpuTensor<FloatDType>,
+  ): Promise<GpuTensor<FloatDType>>;
+  fusedMoEAuxLossBackward(saved: SavedState, gradLoss: GpuTensor<FloatDType>): Promise<GpuTensor<FloatDType>>;
+  async fusedMoEAuxLossBackward(
+    saved: SavedState,
+    gradLoss: number | FloatTensor | GpuTensor<FloatDType>,
+  ): Promise<FloatTensor | GpuTensor<FloatDType>> {
+    const b = isGpuTensor(gradLoss) ? this.#gpu("gradLoss") : this.#use(0, savedBackend(saved));
+    const { plan, gpuResident } = Saved.take<GpuAuxLossPlan>(saved, "auxLoss", b.name);
+    const g = checkGradLoss(gradLoss);
+    if (typeof g !== "number" || gpuResident) {
+      // a GPU-resident forward or gradLoss: gradProbs stays on the GPU
+      const gpu = b as WebGpuBackend;
+      return { buffer: await gpu.auxLossBackwardGpu(plan, g), shape: [...plan.shape], dtype: plan.dtype };
+    }
+    const data = b instanceof WebGpuBackend
+      ? await b.auxLossBackward(plan, g)
+      : await b.auxLossBackward(plan as AuxLossPlan, g);
     return { data, shape: [...plan.shape], dtype: plan.dtype };
   }
 }
@@ -380,17 +552,4 @@ class BoundRouter implements Router, GpuResidentOps {
 // the backend a saved state names (Saved.take checks the rest)
 function savedBackend(saved: unknown): unknown {
   return saved instanceof Saved ? saved.backend : null;
-}
-
-// gradLoss: a number, or a one-element float tensor (shape [] or [1])
-function scalarOf(v: number | FloatTensor): number {
-  if (typeof v === "number") return v;
-  if (typeof v === "object" && v !== null && ArrayBuffer.isView(v.data) && v.data.length === 1) {
-    const d = v.data;
-    if (d instanceof Uint16Array) {
-      return new Float32Array(new Uint32Array([(d[0] as number) << 16]).buffer)[0] as number;
-    }
-    return Number(d[0]);
-  }
-  throw new TypeError(`gradLoss must be a number or a one-element float tensor, got ${describe(v)}`);
 }

@@ -22,10 +22,16 @@
  * @module
  */
 import { type AuxScoresForwardOut, type Backend, newAuxScoresArrays, type TopkForwardOut } from "../_backend.ts";
-import { type AuxLossPlan, type AuxScoresPlan, type RouteFormat, routeRowBytes, type TopkPlan } from "../_validate.ts";
+import {
+  type AuxScoresPlan,
+  type GpuAuxLossPlan,
+  type RouteFormat,
+  routeRowBytes,
+  type TopkPlan,
+} from "../_validate.ts";
 import type { FloatDType, FloatTensor, GpuTensor, IndexArray, Tensor } from "../_types.ts";
 import { ARRAY_OF, BYTES_OF } from "../tensor.ts";
-import { auxLossKernel, type AuxLossKey } from "./_aux_loss_kernels.ts";
+import { AUX_WG, auxLossKernel, type AuxLossKey } from "./_aux_loss_kernels.ts";
 import { type Compiled, pipelineFor } from "./_pipelines.ts";
 import { BufferPool } from "./_pool.ts";
 import {
@@ -71,6 +77,14 @@ export interface WebGpuBackendOptions {
 /** Outputs of a GPU-resident top-k forward. */
 export interface GpuTopkForwardOut {
   probs: GPUBuffer;
+  intermediate: GPUBuffer;
+  route: GPUBuffer;
+  payload: GpuPayload;
+}
+
+/** Outputs of a GPU-resident aux-scores forward. */
+export interface GpuAuxScoresForwardOut {
+  scores: GPUBuffer;
   intermediate: GPUBuffer;
   route: GPUBuffer;
   payload: GpuPayload;
@@ -153,6 +167,8 @@ const USAGE = {
 } as const;
 
 const UNIFORM_STRIDE = 256;
+/** Rows of probs one thread of the aux-loss column sums adds up. */
+const AUX_CHUNK = 64;
 
 function align4(n: number): number {
   return Math.ceil(n / 4) * 4;
@@ -398,6 +414,8 @@ export class WebGpuBackend implements Backend {
     const bpe = (data as unknown as { BYTES_PER_ELEMENT: number }).BYTES_PER_ELEMENT;
     const bytes = n * bpe;
     const buf = this.#pool.acquire(align4(bytes), USAGE.input, label);
+    // nothing to write (an empty batch): Deno's writeBuffer panics on zero bytes of an empty array
+    if (bytes === 0) return buf;
     if (bytes % 4 === 0) {
       this.device.queue.writeBuffer(buf, 0, data.buffer as ArrayBuffer, data.byteOffset + from * bpe, bytes);
     } else {
@@ -939,7 +957,45 @@ export class WebGpuBackend implements Backend {
       routeOut.set(r!, r0 * rB);
       this.#pool.release(logitsBuf, scoresBuf, interBuf, routeBuf);
     }
-    return { scores, intermediate, route: routeOut, payload: intermediate };
+    // the saved copy lets callers edit the returned intermediate
+    return { scores, intermediate, route: routeOut, payload: intermediate.slice() };
+  }
+
+  /**
+   * Aux-loss scores of GPU-resident logits: scores, intermediate and routing
+   * map are new buffers the caller owns (usage STORAGE | COPY_SRC |
+   * COPY_DST); nothing is read back; the state keeps the intermediate buffer.
+   */
+  async auxScoresForwardGpu(plan: AuxScoresPlan, logits: GpuTensor): Promise<GpuAuxScoresForwardOut> {
+    const { T, E, K, route } = plan;
+    const rB = routeRowBytes(route, E, K);
+    this.#forwardKey(plan, "aux"); // plan errors before any GPU work
+    this.#checkBufferSize(T * E * 4, "fusedComputeScoreForMoEAuxLoss scores");
+    const scores = this.#output(T * E * 4, "scores");
+    const intermediate = this.#output(T * E * 4, "intermediate");
+    const routeBuf = this.#output(align4(T * rB), "route");
+    await this.#filling([scores, intermediate, routeBuf], () =>
+      this.#submit(
+        this.#forwardDispatches(plan, "aux", T, {
+          logits: logits.buffer,
+          probs: scores,
+          inter: intermediate,
+          route: routeBuf,
+          bias: null,
+        }),
+        [],
+      ));
+    return { scores, intermediate, route: routeBuf, payload: { gpu: true, intermediate, route: routeBuf } };
+  }
+
+  // The dispatches of an aux-scores backward over n rows (float32 gradScores, intermediate, gradLogits).
+  #auxScoresBackwardDispatches(
+    plan: AuxScoresPlan,
+    n: number,
+    bufs: { grad: GPUBuffer; inter: GPUBuffer; out: GPUBuffer },
+  ): Dispatch[] {
+    // every expert takes part (as with pre-softmax); there is no routing output to read
+    return this.#backwardDispatches({ ...plan, pre: true, scale: 1 }, "aux", n, { ...bufs, route: bufs.grad });
   }
 
   async auxScoresBackward(
@@ -949,109 +1005,285 @@ export class WebGpuBackend implements Backend {
   ): Promise<FloatTensor["data"]> {
     const { T, E, dtype } = plan;
     const outB = BYTES_OF[dtype];
-    const intermediate = payload as Float32Array;
+    const gpuSaved = gpuPayloadOf(payload);
     const out = newFloat(dtype, T * E);
-    const perRound = this.#rowsPerRound(T, [8 * E, 8 * E, 2 * E * outB], "fusedComputeScoreForMoEAuxLossBackward");
+    // a GPU-resident state is one buffer: one round
+    const perRound = gpuSaved
+      ? T
+      : this.#rowsPerRound(T, [8 * E, 8 * E, 2 * E * outB], "fusedComputeScoreForMoEAuxLossBackward");
     for (let r0 = 0; r0 < T; r0 += perRound) {
       const n = Math.min(perRound, T - r0);
       const gradBuf = this.#upload(grad.data, r0 * E, n * E, "gradScores");
-      const interBuf = this.#upload(intermediate, r0 * E, n * E, "intermediate");
+      const mine = gpuSaved ? [] : [this.#upload(payload as Float32Array, r0 * E, n * E, "intermediate")];
+      const interBuf = gpuSaved?.intermediate ?? mine[0]!;
       const outBuf = this.#pool.acquire(align4(n * E * outB), USAGE.output, "gradLogits");
-      const [g] = await this.#submit(
-        this.#backwardDispatches({ ...plan, pre: true, scale: 1 }, "aux", n, {
-          grad: gradBuf,
-          inter: interBuf,
-          route: gradBuf,
-          out: outBuf,
-        }),
-        [{ buffer: outBuf, bytes: n * E * outB }],
-      );
-      bytesOf(out).set(g!, r0 * E * outB);
-      this.#pool.release(gradBuf, interBuf, outBuf);
+      try {
+        const [g] = await this.#submit(
+          this.#auxScoresBackwardDispatches(plan, n, { grad: gradBuf, inter: interBuf, out: outBuf }),
+          [{ buffer: outBuf, bytes: n * E * outB }],
+        );
+        bytesOf(out).set(g!, r0 * E * outB);
+      } finally {
+        this.#pool.release(gradBuf, outBuf, ...mine);
+      }
     }
     return out;
   }
 
+  /** Aux-scores backward with GPU-resident gradScores: the result is a new buffer the caller owns. */
+  async auxScoresBackwardGpu(plan: AuxScoresPlan, payload: unknown, grad: GpuTensor): Promise<GPUBuffer> {
+    const { T, E, dtype } = plan;
+    const gpuSaved = gpuPayloadOf(payload);
+    this.#checkBufferSize(T * E * 4, "fusedComputeScoreForMoEAuxLossBackward intermediate");
+    const mine = gpuSaved ? [] : [this.#upload(payload as Float32Array, 0, T * E, "intermediate")];
+    const inter = gpuSaved?.intermediate ?? mine[0]!;
+    try {
+      const out = this.#output(align4(T * E * BYTES_OF[dtype]), "gradLogits");
+      await this.#filling(
+        [out],
+        () => this.#submit(this.#auxScoresBackwardDispatches(plan, T, { grad: grad.buffer, inter, out }), []),
+      );
+      return out;
+    } finally {
+      this.#pool.release(...mine);
+    }
+  }
+
   // ---- aux loss -------------------------------------------------------------------------
 
-  async auxLossForward(plan: AuxLossPlan, probs: FloatTensor): Promise<FloatTensor["data"]> {
+  // Rows summed by one thread of the column sums, and the rows of one dispatch (size errors before any GPU work).
+  #auxLossLayout(plan: GpuAuxLossPlan): { chunks: number; perDispatch: number } {
     const { rows, cols, dtype } = plan;
+    const chunks = Math.max(1, Math.ceil(rows / AUX_CHUNK));
+    this.#checkBufferSize(chunks * cols * 4, "fusedMoEAuxLoss partial sums");
+    this.#checkBufferSize(rows * cols * BYTES_OF[dtype], "fusedMoEAuxLoss probs");
+    // a dispatch's grid is column blocks x chunks: as many chunks as the grid holds
+    const xBlocks = Math.ceil(cols / AUX_WG);
+    const gridChunks = Math.floor((this.#maxGrid * this.#maxGrid) / xBlocks);
+    if (gridChunks < 1) {
+      throw new RangeError(
+        `fusedMoEAuxLoss: ${cols} columns need ${xBlocks} workgroups a row of chunks, beyond this device's grid of ${this.#maxGrid}x${this.#maxGrid}`,
+      );
+    }
+    const perDispatch = this.#rowsPerDispatch(
+      rows,
+      [cols * BYTES_OF[dtype]],
+      "fusedMoEAuxLoss",
+      AUX_CHUNK,
+      AUX_CHUNK * gridChunks,
+    );
+    return { chunks, perDispatch };
+  }
+
+  // tokensPerExpert as float32 on the device: the host copy uploaded, the
+  // caller's float32 buffer read in place, or the caller's int32 / int64 /
+  // bfloat16 buffer widened into scratch by a dispatch (`pre`) that runs first.
+  #tpe(plan: GpuAuxLossPlan): { bound: Bound; pre: Dispatch[]; scratch: GPUBuffer[] } {
+    const { cols } = plan;
+    const size = align4(cols * 4);
+    const t = plan.tpe;
+    if (t instanceof Float32Array) {
+      const buffer = this.#upload(t, 0, cols, "tokensPerExpert");
+      return { bound: { buffer, offset: 0, size }, pre: [], scratch: [buffer] };
+    }
+    if (t.dtype === "float32") return { bound: { buffer: t.buffer, offset: 0, size }, pre: [], scratch: [] };
+    const key: AuxLossKey = { kernel: "auxTpe", dtype: t.dtype };
+    const widen: Dispatch = {
+      compiled: pipelineFor(this.device, key, auxLossKernel),
+      workgroups: Math.ceil(cols / AUX_WG),
+      bindings: [{ buffer: t.buffer, offset: 0, size: align4(cols * BYTES_OF[t.dtype]) }],
+      uniforms: { rows: 0, cols, chunkRows: 0, chunks: 0, c0: 0, e0: 0, n: cols, g: 0 },
+    };
+    const buffer = this.#pool.acquire(size, USAGE.output, "tokensPerExpert");
+    widen.bindings.push({ buffer, offset: 0, size });
+    return { bound: { buffer, offset: 0, size }, pre: [widen], scratch: [buffer] };
+  }
+
+  // Runs the aux loss of the probs in `probs` (rows x cols from offset 0) into `loss` (4 bytes: the value in its
+  // dtype's bits); returns the loss bytes when `read`.
+  async #auxLoss(
+    plan: GpuAuxLossPlan,
+    layout: { chunks: number; perDispatch: number },
+    probs: GPUBuffer,
+    loss: GPUBuffer,
+    read: boolean,
+  ): Promise<Uint8Array | undefined> {
+    const { rows, cols, dtype } = plan;
+    const { chunks, perDispatch } = layout;
     const inB = BYTES_OF[dtype];
-    const CHUNK = 64; // rows summed by one thread
     const colsum = pipelineFor(this.device, { kernel: "auxColsum", dtype } satisfies AuxLossKey, auxLossKernel);
     const finish = pipelineFor(this.device, { kernel: "auxFinish", dtype } satisfies AuxLossKey, auxLossKernel);
-    const chunks = Math.max(1, Math.ceil(rows / CHUNK));
-    this.#checkBufferSize(chunks * cols * 4, "fusedMoEAuxLoss partial sums");
-    this.#checkBufferSize(rows * cols * inB, "fusedMoEAuxLoss probs");
-    const perDispatch = this.#rowsPerDispatch(rows, [cols * inB], "fusedMoEAuxLoss", CHUNK, CHUNK * this.#maxGrid);
-    const probsBuf = this.#upload(probs.data, 0, rows * cols, "probs");
-    const tpe = this.#upload(plan.tpe, 0, cols, "tokensPerExpert");
+    const tpe = this.#tpe(plan);
     const partial = this.#pool.acquire(chunks * cols * 4, USAGE.output, "partial");
-    const loss = this.#pool.acquire(4, USAGE.output, "loss");
-    const common = { rows: 0, cols, chunkRows: CHUNK, chunks: 0, c0: 0, e0: 0, n: 0, g: Math.fround(plan.constant) };
-    const dispatches: Dispatch[] = [];
+    // no rows, no column sums: the finish reads zeros (the pool's buffers are not cleared)
+    if (rows === 0) this.device.queue.writeBuffer(partial, 0, new Uint8Array(cols * 4));
+    const common = {
+      rows: 0,
+      cols,
+      chunkRows: AUX_CHUNK,
+      chunks: 0,
+      c0: 0,
+      e0: 0,
+      n: 0,
+      g: Math.fround(plan.constant),
+    };
+    const dispatches: Dispatch[] = [...tpe.pre];
     for (let r0 = 0; r0 < rows; r0 += perDispatch) {
       const m = Math.min(perDispatch, rows - r0);
-      const mc = Math.ceil(m / CHUNK);
-      const xBlocks = Math.ceil(cols / 256);
+      const mc = Math.ceil(m / AUX_CHUNK);
+      const xBlocks = Math.ceil(cols / AUX_WG);
       dispatches.push({
         compiled: colsum,
         // a 2-D grid: x = column blocks, y = chunks (gridX = xBlocks, set through foldGrid's width)
         workgroups: xBlocks * mc,
         bindings: [
-          { buffer: probsBuf, offset: r0 * cols * inB, size: align4(m * cols * inB) },
+          { buffer: probs, offset: r0 * cols * inB, size: align4(m * cols * inB) },
           { buffer: partial, offset: 0, size: chunks * cols * 4 },
         ],
-        uniforms: { ...common, rows: m, chunks: mc, c0: r0 / CHUNK, n: xBlocks },
+        uniforms: { ...common, rows: m, chunks: mc, c0: r0 / AUX_CHUNK, n: xBlocks },
       });
     }
     dispatches.push({
       compiled: finish,
       workgroups: 1,
-      bindings: [
-        { buffer: partial, offset: 0, size: chunks * cols * 4 },
-        { buffer: tpe, offset: 0, size: align4(cols * 4) },
-        { buffer: loss, offset: 0, size: 4 },
-      ],
+      bindings: [{ buffer: partial, offset: 0, size: chunks * cols * 4 }, tpe.bound, {
+        buffer: loss,
+        offset: 0,
+        size: 4,
+      }],
       uniforms: { ...common, chunks },
     });
-    const [bits] = await this.#submit(dispatches, [{ buffer: loss, bytes: 4 }]);
-    this.#pool.release(probsBuf, tpe, partial, loss);
-    const out = newFloat(dtype, 1);
-    bytesOf(out).set(bits!.subarray(0, inB));
-    return out;
+    try {
+      const [bits] = await this.#submit(dispatches, read ? [{ buffer: loss, bytes: 4 }] : []);
+      return bits;
+    } finally {
+      this.#pool.release(partial, ...tpe.scratch);
+    }
   }
 
-  async auxLossBackward(plan: AuxLossPlan, gradLoss: number): Promise<FloatTensor["data"]> {
+  /** Aux loss of host probs (tokensPerExpert on the host, or GPU-resident): the loss comes back. */
+  async auxLossForward(plan: GpuAuxLossPlan, probs: FloatTensor): Promise<FloatTensor["data"]> {
+    const { rows, cols, dtype } = plan;
+    const layout = this.#auxLossLayout(plan);
+    const probsBuf = this.#upload(probs.data, 0, rows * cols, "probs");
+    const loss = this.#pool.acquire(4, USAGE.output, "loss");
+    try {
+      const bits = await this.#auxLoss(plan, layout, probsBuf, loss, true);
+      const out = newFloat(dtype, 1);
+      bytesOf(out).set(bits!.subarray(0, BYTES_OF[dtype]));
+      return out;
+    } finally {
+      this.#pool.release(probsBuf, loss);
+    }
+  }
+
+  /**
+   * Aux loss of GPU-resident probs: the loss is a new 4-byte buffer the
+   * caller owns (the value in the probs dtype's bits, at offset 0).
+   */
+  async auxLossForwardGpu(plan: GpuAuxLossPlan, probs: GpuTensor): Promise<GPUBuffer> {
+    const layout = this.#auxLossLayout(plan);
+    const loss = this.#output(4, "loss");
+    await this.#filling([loss], () => this.#auxLoss(plan, layout, probs.buffer, loss, false));
+    return loss;
+  }
+
+  // The dispatches of the aux-loss backward into `out` (rows x cols of the plan's dtype): a number
+  // gradLoss travels in the uniforms, a GPU-resident one is read by the kernel.
+  #auxLossBackwardDispatches(
+    plan: GpuAuxLossPlan,
+    tpe: Bound,
+    out: GPUBuffer,
+    gradLoss: number | GpuTensor<FloatDType>,
+  ): Dispatch[] {
     const { rows, cols, dtype } = plan;
     const outB = BYTES_OF[dtype];
     const total = rows * cols;
-    const compiled = pipelineFor(this.device, { kernel: "auxBackward", dtype } satisfies AuxLossKey, auxLossKernel);
-    const tpe = this.#upload(plan.tpe, 0, cols, "tokensPerExpert");
-    const outBuf = this.#pool.acquire(align4(total * outB), USAGE.output, "gradProbs");
-    this.#checkBufferSize(align4(total * outB), "fusedMoEAuxLossBackward");
-    const g = Math.fround(Math.fround(gradLoss) * Math.fround(plan.constant));
-    const elems = this.#rowsPerDispatch(total, [outB], "fusedMoEAuxLossBackward", 2);
+    const gpuGrad = typeof gradLoss === "number" ? null : gradLoss;
+    const key: AuxLossKey = gpuGrad === null
+      ? { kernel: "auxBackward", dtype }
+      : { kernel: "auxBackward", dtype, gradLoss: gpuGrad.dtype };
+    const compiled = pipelineFor(this.device, key, auxLossKernel);
+    // g = gradLoss * constant, each rounded to float32 first (the kernel multiplies a GPU-resident gradLoss in)
+    const c = Math.fround(plan.constant);
+    const g = gpuGrad === null ? Math.fround(Math.fround(gradLoss as number) * c) : c;
+    // elements of a dispatch: within the binding limit, and one thread a word within the grid
+    const gridElems = AUX_WG * this.#maxGrid * this.#maxGrid * (4 / outB);
+    const elems = this.#rowsPerDispatch(total, [outB], "fusedMoEAuxLossBackward", 2, gridElems);
     const dispatches: Dispatch[] = [];
     for (let e0 = 0; e0 < total; e0 += elems) {
       const m = Math.min(elems, total - e0);
       const words = outB === 2 ? Math.ceil(m / 2) : m;
       dispatches.push({
         compiled,
-        workgroups: Math.ceil(words / 256),
+        workgroups: Math.ceil(words / AUX_WG),
         bindings: [
-          { buffer: tpe, offset: 0, size: align4(cols * 4) },
-          { buffer: outBuf, offset: e0 * outB, size: words * 4 },
+          tpe,
+          { buffer: out, offset: e0 * outB, size: words * 4 },
+          ...(gpuGrad === null ? [] : [{ buffer: gpuGrad.buffer, offset: 0, size: 4 }]),
         ],
         uniforms: { rows, cols, chunkRows: 0, chunks: 0, c0: 0, e0, n: words, g },
       });
     }
-    const [bytes] = await this.#submit(dispatches, [{ buffer: outBuf, bytes: total * outB }]);
-    this.#pool.release(tpe, outBuf);
-    const out = newFloat(dtype, total);
-    bytesOf(out).set(bytes!);
+    return dispatches;
+  }
+
+  /** Aux-loss backward to a host gradProbs. */
+  async auxLossBackward(plan: GpuAuxLossPlan, gradLoss: number): Promise<FloatTensor["data"]> {
+    const { rows, cols, dtype } = plan;
+    const bytes = rows * cols * BYTES_OF[dtype];
+    this.#checkBufferSize(align4(bytes), "fusedMoEAuxLossBackward");
+    const tpe = this.#tpe(plan);
+    const outBuf = this.#pool.acquire(align4(bytes), USAGE.output, "gradProbs");
+    try {
+      const [g] = await this.#submit(
+        [...tpe.pre, ...this.#auxLossBackwardDispatches(plan, tpe.bound, outBuf, gradLoss)],
+        [{ buffer: outBuf, bytes }],
+      );
+      const out = newFloat(dtype, rows * cols);
+      bytesOf(out).set(g!);
+      return out;
+    } finally {
+      this.#pool.release(outBuf, ...tpe.scratch);
+    }
+  }
+
+  /**
+   * Aux-loss backward to a GPU-resident gradProbs (a new buffer the caller
+   * owns); gradLoss is a number or a one-element GPU-resident tensor.
+   */
+  async auxLossBackwardGpu(plan: GpuAuxLossPlan, gradLoss: number | GpuTensor<FloatDType>): Promise<GPUBuffer> {
+    const { rows, cols, dtype } = plan;
+    const bytes = align4(rows * cols * BYTES_OF[dtype]);
+    this.#checkBufferSize(bytes, "fusedMoEAuxLossBackward");
+    const out = this.#output(bytes, "gradProbs");
+    await this.#filling([out], async () => {
+      const tpe = this.#tpe(plan);
+      try {
+        await this.#submit([...tpe.pre, ...this.#auxLossBackwardDispatches(plan, tpe.bound, out, gradLoss)], []);
+      } finally {
+        this.#pool.release(...tpe.scratch);
+      }
+    });
     return out;
   }
+
+  // Runs `work`, which fills new output buffers; when it fails the caller never gets them, so they are destroyed.
+  async #filling(outputs: readonly GPUBuffer[], work: () => Promise<unknown>): Promise<void> {
+    try {
+      await work();
+    } catch (e) {
+      for (const b of outputs) b.destroy();
+      throw e;
+    }
+  }
+}
+
+// The GPU-resident payload of a saved state, or null for a host one.
+function gpuPayloadOf(payload: unknown): GpuPayload | null {
+  return typeof payload === "object" && payload !== null && (payload as GpuPayload).gpu === true
+    ? payload as GpuPayload
+    : null;
 }
 
 // Whether a forward's outputs have words that neighbouring rows (or lanes)

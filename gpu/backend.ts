@@ -732,18 +732,23 @@ export class WebGpuBackend implements Backend {
     const probs = this.#output(align4(T * E * inB), "probs");
     const intermediate = this.#output(T * E * 4, "intermediate");
     const routeBuf = this.#output(align4(T * rB), "route");
-    const bias = this.#bias(plan);
-    await this.#submit(
-      this.#forwardDispatches(plan, "topk", T, {
-        logits: logits.buffer,
-        probs,
-        inter: intermediate,
-        route: routeBuf,
-        bias,
-      }),
-      [],
-    );
-    if (bias?.pooled) this.#pool.release(bias.buffer);
+    await this.#filling([probs, intermediate, routeBuf], async () => {
+      const bias = this.#bias(plan);
+      try {
+        await this.#submit(
+          this.#forwardDispatches(plan, "topk", T, {
+            logits: logits.buffer,
+            probs,
+            inter: intermediate,
+            route: routeBuf,
+            bias,
+          }),
+          [],
+        );
+      } finally {
+        if (bias?.pooled) this.#pool.release(bias.buffer);
+      }
+    });
     return { probs, intermediate, route: routeBuf, payload: { gpu: true, intermediate, route: routeBuf } };
   }
 
@@ -915,11 +920,20 @@ export class WebGpuBackend implements Backend {
       mine.push(interBuf, routeBuf);
     }
     const outBuf = this.#output(align4(T * E * BYTES_OF[dtype]), "gradLogits");
-    await this.#submit(
-      this.#backwardDispatches(plan, "topk", T, { grad: grad.buffer, inter: interBuf, route: routeBuf, out: outBuf }),
-      [],
-    );
-    this.#pool.release(...mine);
+    try {
+      await this.#filling([outBuf], () =>
+        this.#submit(
+          this.#backwardDispatches(plan, "topk", T, {
+            grad: grad.buffer,
+            inter: interBuf,
+            route: routeBuf,
+            out: outBuf,
+          }),
+          [],
+        ));
+    } finally {
+      this.#pool.release(...mine);
+    }
     return outBuf;
   }
 

@@ -574,25 +574,36 @@ Deno.test({
         for (const o of [a, b, s.scores, s.routingMap, s.intermediate, l.loss]) o.buffer.destroy();
       });
 
-      await t.step("a buffer of another device is refused by the call, and its outputs are destroyed", async () => {
-        const foreign = other.device!.createBuffer({ size: 64, usage: GPUBufferUsage.STORAGE });
-        const calls: [string, () => Promise<unknown>][] = [
-          ["aux scores", () => router.fusedComputeScoreForMoEAuxLoss({ ...logits, buffer: foreign }, scoresOptions)],
-          [
-            "aux scores backward",
-            () => router.fusedComputeScoreForMoEAuxLossBackward(scores.saved, { ...grad, buffer: foreign }),
-          ],
-          ["aux loss", () => router.fusedMoEAuxLoss({ ...logits, buffer: foreign }, tpe, lossOptions)],
-          ["aux loss backward", () => router.fusedMoEAuxLossBackward(loss.saved, { ...one, buffer: foreign })],
-        ];
-        for (const [name, call] of calls) {
-          await call().catch(() => {}); // warm: the pool's scratch buffers
-          const alive = live.size;
-          await assert.rejects(call, /webgpu: the router's commands were refused/, name);
-          assert.strictEqual(live.size, alive, `${name}: GPU buffers alive after a refused call`);
-        }
-        foreign.destroy();
-      });
+      await t.step(
+        "a buffer of another device is refused by the call (top-k too), and its outputs are destroyed",
+        async () => {
+          const foreign = other.device!.createBuffer({ size: 64, usage: GPUBufferUsage.STORAGE });
+          const topkOptions = { topk: 2, scoreFunction: "sigmoid" as const };
+          const topk = await router.fusedTopkWithScoreFunction(logits, topkOptions);
+          const calls: [string, () => Promise<unknown>][] = [
+            ["top-k", () => router.fusedTopkWithScoreFunction({ ...logits, buffer: foreign }, topkOptions)],
+            [
+              "top-k backward",
+              () => router.fusedTopkWithScoreFunctionBackward(topk.saved, { ...grad, buffer: foreign }),
+            ],
+            ["aux scores", () => router.fusedComputeScoreForMoEAuxLoss({ ...logits, buffer: foreign }, scoresOptions)],
+            [
+              "aux scores backward",
+              () => router.fusedComputeScoreForMoEAuxLossBackward(scores.saved, { ...grad, buffer: foreign }),
+            ],
+            ["aux loss", () => router.fusedMoEAuxLoss({ ...logits, buffer: foreign }, tpe, lossOptions)],
+            ["aux loss backward", () => router.fusedMoEAuxLossBackward(loss.saved, { ...one, buffer: foreign })],
+          ];
+          for (const [name, call] of calls) {
+            await call().catch(() => {}); // warm: the pool's scratch buffers
+            const alive = live.size;
+            await assert.rejects(call, /webgpu: the router's commands were refused/, name);
+            assert.strictEqual(live.size, alive, `${name}: GPU buffers alive after a refused call`);
+          }
+          for (const o of [topk.probs, topk.intermediate, topk.indices ?? topk.routingMap!]) o.buffer.destroy();
+          foreign.destroy();
+        },
+      );
 
       await t.step("repeated GPU-resident calls keep the GPU buffers alive flat", async () => {
         const round = async () => {

@@ -125,6 +125,11 @@ export interface WasmBackendOptions {
   chunkBytes?: number;
   /** Threads for big batches (default: the hardware threads); 1 = no workers. */
   threads?: number;
+  /**
+   * Whether the top-k forward may run small rows (E <= 16, no group limit) four tokens at a time (default true).
+   * A test hook: false keeps every token on the row kernel, which gives the same bits.
+   */
+  lanes?: boolean;
 }
 
 /** What a top-k forward saves for its backward: copies, so that callers may edit their outputs. */
@@ -145,12 +150,14 @@ export class WasmBackend implements Backend {
   #pool: ThreadPool | null;
   #maxBytes: number;
   #queue: Promise<unknown> = Promise.resolve();
+  #lanes: boolean;
 
-  private constructor(k: Kernels, chunkBytes: number, pool: ThreadPool | null, maxBytes: number) {
+  private constructor(k: Kernels, chunkBytes: number, pool: ThreadPool | null, maxBytes: number, lanes: boolean) {
     this.#k = k;
     this.#chunkBytes = chunkBytes;
     this.#pool = pool;
     this.#maxBytes = maxBytes;
+    this.#lanes = lanes;
   }
 
   /**
@@ -161,6 +168,7 @@ export class WasmBackend implements Backend {
   static async create(options: WasmBackendOptions = {}): Promise<WasmBackend> {
     const chunkBytes = options.chunkBytes ?? DEFAULT_CHUNK_BYTES;
     const threads = options.threads ?? await hardwareThreads();
+    const lanes = options.lanes ?? true;
     if (!Number.isInteger(threads) || threads < 1 || threads > MAX_THREADS) {
       throw new RangeError(`threads must be an integer in [1, ${MAX_THREADS}], got ${threads}`);
     }
@@ -169,9 +177,10 @@ export class WasmBackend implements Backend {
       const memory = new WebAssembly.Memory({ initial: 16, maximum: SHARED_MAX_PAGES, shared: true });
       const instance = await WebAssembly.instantiate(module, { env: { memory } });
       const k = { ...(instance.exports as unknown as Kernels), memory };
-      return new WasmBackend(k, chunkBytes, new ThreadPool(module, memory, threads - 1), SHARED_MAX_PAGES * PAGE);
+      const pool = new ThreadPool(module, memory, threads - 1);
+      return new WasmBackend(k, chunkBytes, pool, SHARED_MAX_PAGES * PAGE, lanes);
     }
-    return new WasmBackend(await instantiateKernels(), chunkBytes, null, MAX_MEMORY);
+    return new WasmBackend(await instantiateKernels(), chunkBytes, null, MAX_MEMORY, lanes);
   }
 
   /** Threads a big batch runs on (1: no workers). */
@@ -399,6 +408,7 @@ export class WasmBackend implements Backend {
         (interP[j] as number) + a * E * 4,
         routeP + a * rB,
         scratch[j] as number,
+        this.#lanes ? 1 : 0,
       ];
       const copyOut = (a: number, rows: number, j: number) => {
         this.#get((interP[j] as number) + a * E * 4, intermediate, (t0 + a) * E, rows * E);

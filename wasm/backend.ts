@@ -151,6 +151,7 @@ export class WasmBackend implements Backend {
   #maxBytes: number;
   #queue: Promise<unknown> = Promise.resolve();
   #lanes: boolean;
+  #laneTokens = 0;
 
   private constructor(k: Kernels, chunkBytes: number, pool: ThreadPool | null, maxBytes: number, lanes: boolean) {
     this.#k = k;
@@ -186,6 +187,11 @@ export class WasmBackend implements Backend {
   /** Threads a big batch runs on (1: no workers). */
   get threads(): number {
     return (this.#pool?.size ?? 0) + 1;
+  }
+
+  /** Test hook: tokens of this thread's top-k forward calls that ran four at a time (see {@linkcode WasmBackendOptions.lanes}). */
+  get laneTokens(): number {
+    return this.#laneTokens;
   }
 
   /** Bytes of linear memory the module holds now. */
@@ -422,7 +428,7 @@ export class WasmBackend implements Backend {
       };
       if (this.#pool === null || m * E < MIN_PARALLEL_ELEMENTS || m < 2) {
         copyIn(0, m);
-        (k.topkForward as Fn)(...argsFor(0, m, 0));
+        this.#laneTokens += (k.topkForward as Fn)(...argsFor(0, m, 0));
         copyOut(0, m, 0);
       } else {
         await this.#pipeline(

@@ -1261,7 +1261,8 @@ function readRoute(fmt: i32, E: i32, K: i32, route: usize, M: usize): void {
  * the intermediate at the chosen experts in ascending expert order (yasc,
  * f32), all that the sparse backward needs. bias = 0: none. lanes: small
  * rows may take the four-token kernel (see forwardLanes; same bits); false
- * keeps every token on the row kernel (a test hook).
+ * keeps every token on the row kernel (a test hook). Returns how many
+ * tokens the four-token kernel took.
  */
 export function topkForward(
   logits: usize, dt: i32, T: i32, E: i32, K: i32,
@@ -1269,12 +1270,12 @@ export function topkForward(
   fmt: i32, radixThreshold: i32,
   vals: usize, list: usize, yasc: usize, inter: usize, route: usize, scratch: usize,
   lanes: bool,
-): void {
+): i32 {
   if (lanes && lanesApply(E, GK, bias)) {
-    forwardLanes(logits, dt, T, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vals, list, yasc, inter, route, scratch);
-  } else {
-    forwardRows(logits, dt, T, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vals, list, yasc, inter, route, scratch);
+    return forwardLanes(logits, dt, T, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vals, list, yasc, inter, route, scratch);
   }
+  forwardRows(logits, dt, T, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vals, list, yasc, inter, route, scratch);
+  return 0;
 }
 
 // The row kernel: one token at a time, every shape and option.
@@ -1886,7 +1887,7 @@ function forwardLanes(
   fn: i32, pre: bool, G: i32, GK: i32, scale: f32, bias: usize,
   fmt: i32, radixThreshold: i32,
   vals: usize, list: usize, yasc: usize, inter: usize, route: usize, scratch: usize,
-): void {
+): i32 {
   const vecs = <usize>roundUp4(E) << 4;
   const XT = scratch;
   const ST = XT + vecs;
@@ -1901,6 +1902,7 @@ function forwardLanes(
   // selection scores: the logits (post-softmax), s + bias, or s
   const R = fn == SCORE_SOFTMAX && !pre ? XT : bias ? RT : ST;
   let t = 0;
+  let taken = 0;
   for (; t + 4 <= T; t += 4) {
     const tE = <usize>t * <usize>E;
     const tK = <usize>t * <usize>K;
@@ -1916,6 +1918,7 @@ function forwardLanes(
     selectLanes(R, E, K, NR, CV, BV);
     valueLanes(fn, pre, E, K, bias, XT, ST, CV, BV, YV);
     writeLanes(fn, pre, dt, E, K, scale, fmt, XT, ST, NR, CV, BV, YV, vrow, lrow, yrow, irow, rrow, routeB);
+    taken += 4;
   }
   if (t < T) {
     const tE = <usize>t * <usize>E;
@@ -1925,6 +1928,7 @@ function forwardLanes(
       vals + tK * inB, list + (tK << 2), yasc + (tK << 2), inter + (tE << 2), route + <usize>t * routeB, scratch,
     );
   }
+  return taken;
 }
 
 // The K expert ids at src (i32) in ascending order, into dst: insertion sort

@@ -1596,7 +1596,7 @@ const EXP_UNDER: f32 = reinterpret<f32>(<u32>0xC2CFF1B4); // log(2^-150): below 
 // widened into X4 first) into XT[E4] vectors, XT[e] = expert e of the four
 // tokens; vectors of experts >= E hold whatever follows a row and are never
 // read. Returns whether every logit is finite.
-function loadLanes(src: usize, dt: i32, E: i32, X4: usize, XT: usize): bool {
+@inline function loadLanes(src: usize, dt: i32, E: i32, X4: usize, XT: usize): bool {
   let rows = src;
   let stride = <usize>E << 2;
   if (dt != DT_F32) {
@@ -1624,7 +1624,7 @@ function loadLanes(src: usize, dt: i32, E: i32, X4: usize, XT: usize): bool {
 // (l0 + l1) + (l2 + l3). The row maximum may differ from the row kernel's
 // in the sign of a zero, which changes no x - max (x - max can differ only
 // where it is 0, and exp gives 1 for either zero).
-function scoreLanes(fn: i32, pre: bool, E: i32, XT: usize, ST: usize, bias: usize, RT: usize): void {
+@inline function scoreLanes(fn: i32, pre: bool, E: i32, XT: usize, ST: usize, bias: usize, RT: usize): void {
   if (fn == SCORE_SOFTMAX) {
     if (!pre) return;
     let m = v128.load(XT);
@@ -1662,14 +1662,19 @@ function scoreLanes(fn: i32, pre: bool, E: i32, XT: usize, ST: usize, bias: usiz
 }
 
 // select: the top K of the four tokens by R[e] (no NaN), lane-wise, in
-// selection order: CV[k] the expert of rank k, BV[k] its R (bits). Rank:
-// R descending, ties by lower expert. K = 1: one arg-max scan; K = 2: a
+// selection order: CV[k] the expert of rank k, BV[k] its R. Rank: R
+// descending, ties by lower expert. K = 1: one arg-max scan; K = 2: a
 // two-deep insertion scan (in both, a later expert displaces only a
 // strictly smaller score, which keeps ties in index order; pmax(b, r) is
-// exactly r > b ? r : b); more: each expert's rank counted (NR[e]: minus
+// exactly r > b ? r : b, and experts come in increasing order, so a new
+// index is max(old, e)); more: each expert's rank counted (NR[e]: minus
 // the number of experts that beat it, a larger R, or an equal one at a
-// lower index), then the expert of each rank picked out.
-function selectLanes(R: usize, E: i32, K: i32, NR: usize, CV: usize, BV: usize): void {
+// lower index), then the expert of each rank picked out. BV holds the bits
+// of R at the chosen experts, but for the second of K = 2, which may be an
+// equal score of another expert: a zero of the other sign at most, and
+// only -0 logits (post-softmax) have one (scores are >= +0), where a zero's
+// sign changes no value (see valueLanes).
+@inline function selectLanes(R: usize, E: i32, K: i32, NR: usize, CV: usize, BV: usize): void {
   if (K == 1) {
     let b = v128.load(R);
     let c = i32x4.splat(0);
@@ -1692,9 +1697,9 @@ function selectLanes(R: usize, E: i32, K: i32, NR: usize, CV: usize, BV: usize):
       const r = v128.load(R + (<usize>e << 4));
       const g1 = f32x4.gt(r, b1);
       const ev = i32x4.splat(e);
-      c2 = v128.bitselect(c1, v128.bitselect(ev, c2, f32x4.gt(r, b2)), g1);
-      c1 = v128.bitselect(ev, c1, g1);
-      b2 = v128.bitselect(b1, f32x4.pmax(b2, r), g1);
+      c2 = v128.bitselect(c1, i32x4.max_s(c2, v128.and(ev, f32x4.gt(r, b2))), g1);
+      c1 = i32x4.max_s(c1, v128.and(ev, g1));
+      b2 = f32x4.pmax(b2, f32x4.pmin(b1, r));
       b1 = f32x4.pmax(b1, r);
     }
     v128.store(CV, c1);
@@ -1735,7 +1740,7 @@ function selectLanes(R: usize, E: i32, K: i32, NR: usize, CV: usize, BV: usize):
 // post-process: the values of the chosen experts, lane-wise, into BV (the
 // row kernel's steps element for element), and the intermediate at them
 // into YV. With a bias, the values are the unbiased scores, from ST.
-function valueLanes(fn: i32, pre: bool, E: i32, K: i32, bias: usize, XT: usize, ST: usize, CV: usize, BV: usize, YV: usize): void {
+@inline function valueLanes(fn: i32, pre: bool, E: i32, K: i32, bias: usize, XT: usize, ST: usize, CV: usize, BV: usize, YV: usize): void {
   if (bias) {
     for (let k = 0; k < K; k++) {
       const o = <usize>k << 4;
@@ -1743,10 +1748,10 @@ function valueLanes(fn: i32, pre: bool, E: i32, K: i32, bias: usize, XT: usize, 
     }
   }
   if (fn == SCORE_SOFTMAX && !pre) {
-    // softmax over the K chosen logits, max-subtracted; the first chosen
-    // holds the largest, so its exp argument is +-0 and its exp exactly 1
-    let m = NEG_INF();
-    for (let k = 0; k < K; k++) m = f32x4.max(m, v128.load(BV + (<usize>k << 4)));
+    // softmax over the K chosen logits, max-subtracted. The maximum is the
+    // first chosen logit up to the sign of a zero, which changes no x - max
+    // but a zero one, whose exp is 1 either way: the first's exp is exactly 1.
+    const m = v128.load(BV);
     let sum = ONE(); // 0 + 1
     v128.store(BV, sum);
     for (let k = 1; k < K; k++) {
@@ -1801,7 +1806,7 @@ function storeRows(A: usize, E: i32, out: usize): void {
 // experts in ascending expert order (yasc). Lane-wise results go from
 // [k][token] to the outputs' [token][k] by shuffles (float32, K <= 2) or
 // lane by lane.
-function writeLanes(
+@inline function writeLanes(
   fn: i32, pre: bool, dt: i32, E: i32, K: i32, scale: f32, fmt: i32,
   XT: usize, ST: usize, NR: usize, CV: usize, BV: usize, YV: usize,
   vals: usize, list: usize, yasc: usize, inter: usize, route: usize, routeB: usize,
@@ -1839,12 +1844,14 @@ function writeLanes(
   // rows are 4 * E floats: E vectors); else s (sqrtsoftplus: x)
   if (fn == SCORE_SOFTMAX && !pre) {
     for (let i = 0; i < E; i++) v128.store(inter + (<usize>i << 4), NEG_INF());
-    for (let j = 0; j < 4; j++) {
-      const irow = inter + (<usize>(j * E) << 2);
-      for (let k = 0; k < K; k++) {
-        const o = (<usize>k << 4) + (<usize>j << 2);
-        store<f32>(irow + (<usize>load<i32>(CV + o) << 2), load<f32>(BV + o));
-      }
+    const row = <usize>E << 2;
+    for (let k = 0; k < K; k++) {
+      const o = <usize>k << 4;
+      const c = v128.load(CV + o), v = v128.load(BV + o);
+      store<f32>(inter + (<usize>i32x4.extract_lane(c, 0) << 2), f32x4.extract_lane(v, 0));
+      store<f32>(inter + row + (<usize>i32x4.extract_lane(c, 1) << 2), f32x4.extract_lane(v, 1));
+      store<f32>(inter + 2 * row + (<usize>i32x4.extract_lane(c, 2) << 2), f32x4.extract_lane(v, 2));
+      store<f32>(inter + 3 * row + (<usize>i32x4.extract_lane(c, 3) << 2), f32x4.extract_lane(v, 3));
     }
   } else {
     storeRows(fn == SCORE_SQRTSOFTPLUS ? XT : ST, E, inter);

@@ -371,10 +371,11 @@ export class WasmBackend implements Backend {
     const bias = plan.bias ? L.take(4 * align16(E)) : 0;
     const inP = L.take(n * E * inB);
     const interP = this.#scratch(L, n * E * 4); // per thread: row vectors spill past the row end
-    const routeP = L.take(n * rB);
     const valsP = L.take(n * K * inB);
     const listP = L.take(n * K * 4);
     const yascP = L.take(n * K * 4);
+    // int32 indices are the list itself: the kernel writes them over it (same values), no second region to fill
+    const routeP = route === "int32" ? listP : L.take(n * rB);
     this.#ensure(L.end, "fusedTopkWithScoreFunction");
     // outputs only once the work is known to fit; caller buffers are used as
     // they are (probs zeroed first: it is scattered into)

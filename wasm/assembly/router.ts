@@ -1259,10 +1259,11 @@ function readRoute(fmt: i32, E: i32, K: i32, route: usize, M: usize): void {
  * probs (vals, logits dtype) — the host scatters them into the dense probs,
  * which are 0 elsewhere; the intermediate row (f32); the routing output; and
  * the intermediate at the chosen experts in ascending expert order (yasc,
- * f32), all that the sparse backward needs. bias = 0: none. lanes: small
- * rows may take the four-token kernel (see forwardLanes; same bits); false
- * keeps every token on the row kernel (a test hook). Returns how many
- * tokens the four-token kernel took.
+ * f32), all that the sparse backward needs. bias = 0: none. For int32
+ * indices, route may be list itself (the same values, written again).
+ * lanes: small rows may take the four-token kernel (see forwardLanes; same
+ * bits); false keeps every token on the row kernel (a test hook). Returns
+ * how many tokens the four-token kernel took.
  */
 export function topkForward(
   logits: usize, dt: i32, T: i32, E: i32, K: i32,

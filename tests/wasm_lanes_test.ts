@@ -1,13 +1,15 @@
 /**
  * The four-token top-k forward of the WebAssembly kernels (wasm/assembly/
- * router.ts, forwardLanes: small rows, four tokens per vector) gives the
- * bits of the row kernel it stands in for, on every output: probs, the
- * intermediate, the routing output of every format, the saved state, and so
- * the gradients. Both run in one process: `lanes: false` keeps a backend on
- * the row kernel. Configurations are drawn at random over E in [1, 16], K in
- * [1, E], odd token counts, every score function, bias, scaling, dtype and
- * layout, with data made to hit ties, signed zeros, extremes and non-finite
- * logits (whose groups of four go to the row kernel).
+ * router.ts, forwardLanes: small rows, four tokens per vector), and the
+ * dense probs rows that small rows come back as, give the bits of the row
+ * kernel and the host's probs scatter they stand in for, on every output:
+ * probs, the intermediate, the routing output of every format, the saved
+ * state, and so the gradients. Both run in one process: `lanes: false`
+ * keeps a backend on the former path. Configurations are drawn at random
+ * over E in [1, 16], K in [1, E], odd token counts, every score function,
+ * bias, group limits, scaling, dtype, layout and caller buffers, with data
+ * made to hit ties, signed zeros, extremes and non-finite logits (whose
+ * groups of four go to the row kernel).
  *
  * @module
  */
@@ -93,6 +95,19 @@ interface Drawn {
   label: string;
   logits: FloatTensor;
   options: TopkOptions;
+  /** Pass probs and intermediate buffers holding garbage (written over, not scattered into). */
+  buffers?: boolean;
+}
+
+/** The options of one call: with fresh caller buffers when the draw asks for them. */
+function callOptions(d: Drawn): TopkOptions {
+  if (!d.buffers) return d.options;
+  const n = d.logits.data.length;
+  return {
+    ...d.options,
+    probsOut: narrowTo(new Float32Array(n).fill(NaN), d.logits.dtype) as FloatTensor["data"],
+    intermediateOut: new Float32Array(n).fill(7),
+  };
 }
 
 function draw(rng: Rng): Drawn {
@@ -116,16 +131,29 @@ function draw(rng: Rng): Drawn {
     options.expertBias = { data: b, shape: [E], dtype: "float32" };
     bias = " bias";
   }
+  let groups = "";
+  const G = pick(rng, [2, 4]);
+  if (E % G === 0 && rng() < 0.15) {
+    // group limits stay on the row kernel, with dense probs rows
+    const GK = pick(rng, [1, 2].filter((gk) => gk <= G && K % gk === 0 && K / gk <= E / G));
+    if (GK !== undefined) {
+      options.numGroups = G;
+      options.groupTopk = GK;
+      groups = ` ${G} groups top-${GK}`;
+    }
+  }
   if (out === "bytemap" || out === "bitmap_u8") options.routingMapFormat = out;
   else options.indexDtype = out;
   if (rng() < 0.3) options.radixTopkThreshold = pick(rng, [1, K]);
   const x = logitsOf(rng, kind, T * E, E);
   const data = narrowTo(x, dtype);
   const shape = rng() < 0.2 && T % 2 === 0 ? [2, T / 2, E] : [T, E];
+  const buffers = rng() < 0.2;
   return {
-    label: `T=${T} E=${E} K=${K} ${score}${bias} ${dtype} ${out} ${kind}`,
+    label: `T=${T} E=${E} K=${K} ${score}${bias}${groups} ${dtype} ${out} ${kind}${buffers ? " caller buffers" : ""}`,
     logits: { data, shape, dtype } as FloatTensor,
     options,
+    buffers,
   };
 }
 
@@ -142,9 +170,9 @@ function laneTokensOf(plan: TopkPlan, logits: FloatTensor): number {
 
 /** Forward and backward on both backends; every output and the gradients compared bit for bit. */
 async function assertSameBits(lanes: WasmBackend, rows: WasmBackend, d: Drawn, rng: Rng): Promise<void> {
-  const plan = planTopk(d.logits, d.options);
+  const plan = planTopk(d.logits, callOptions(d));
   const a = await lanes.topkForward(plan, d.logits);
-  const b = await rows.topkForward(plan, d.logits);
+  const b = await rows.topkForward(planTopk(d.logits, callOptions(d)), d.logits);
   assertBitIdentical(a.probs, b.probs, `${d.label}: probs`);
   assertBitIdentical(a.intermediate, b.intermediate, `${d.label}: intermediate`);
   assertBitIdentical(a.route, b.route, `${d.label}: routing output`);

@@ -9,7 +9,8 @@
 // The probs and the top-k gradient are sparse (K nonzeros per token, but for
 // pre-softmax gradients): the kernels exchange them as compact (expert,
 // value) rows that the host scatters into fresh zeroed arrays, instead of
-// copying dense rows out of the module.
+// copying dense rows out of the module; but for rows of a few vectors
+// (DENSE_PROBS_E), whose dense probs the forward's kernel writes itself.
 import { type AuxScoresForwardOut, type Backend, newAuxScoresArrays, type TopkForwardOut } from "../_backend.ts";
 import { type AuxLossPlan, type AuxScoresPlan, type RouteFormat, routeRowBytes, type TopkPlan } from "../_validate.ts";
 import type { FloatDType, FloatTensor, IndexArray, RoutingMapFormat, Tensor } from "../_types.ts";
@@ -43,6 +44,12 @@ const ROUTE: Record<RouteFormat, number> = { bytemap: 0, bitmap_u8: 1, int16: 2,
 
 /** Default bytes of token data (inputs and outputs) per chunk of tokens. */
 export const DEFAULT_CHUNK_BYTES = 16 << 20;
+/**
+ * Up to this many experts the top-k forward's kernel writes dense probs rows, which are copied out whole: rows
+ * of a few vectors cost less to copy than K values a token to scatter here (Mixtral, 8192 x 8 top-2: about 10%
+ * of the call).
+ */
+export const DENSE_PROBS_E = 16;
 /** Below this many token x expert elements a call stays on one thread (a worker round trip costs ~0.2 ms). */
 export const MIN_PARALLEL_ELEMENTS = 1 << 18;
 /**
@@ -126,8 +133,9 @@ export interface WasmBackendOptions {
   /** Threads for big batches (default: the hardware threads); 1 = no workers. */
   threads?: number;
   /**
-   * Whether the top-k forward may run small rows (E <= 16, no group limit) four tokens at a time (default true).
-   * A test hook: false keeps every token on the row kernel, which gives the same bits.
+   * Whether the top-k forward may run small rows (E <= 16, no group limit) four tokens at a time, and give their
+   * probs as dense rows (default true). A test hook: false keeps every token on the row kernel and every probs
+   * scatter here, which gives the same bits.
    */
   lanes?: boolean;
 }
@@ -364,7 +372,8 @@ export class WasmBackend implements Backend {
     const { T, E, K, dtype, route } = plan;
     const inB = BYTES_OF[dtype];
     const rB = routeRowBytes(route, E, K);
-    const n = this.#chunk(T, E * inB + 4 * E + rB + K * (inB + 8));
+    const dense = this.#lanes && E <= DENSE_PROBS_E;
+    const n = this.#chunk(T, E * inB + 4 * E + rB + K * (inB + 8) + (dense ? E * inB : 0));
     const k = this.#k;
     const L = new Layout(k.heapBase());
     const scratch = this.#scratch(L, this.#scratchBytes(E, K, plan.numGroups, "fusedTopkWithScoreFunction"));
@@ -376,10 +385,11 @@ export class WasmBackend implements Backend {
     const yascP = L.take(n * K * 4);
     // int32 indices are the list itself: the kernel writes them over it (same values), no second region to fill
     const routeP = route === "int32" ? listP : L.take(n * rB);
+    const probsP = dense ? L.take(n * E * inB) : 0;
     this.#ensure(L.end, "fusedTopkWithScoreFunction");
     // outputs only once the work is known to fit; caller buffers are used as
-    // they are (probs zeroed first: it is scattered into)
-    const probs = plan.probsOut?.fill(0) ?? newFloat(dtype, T * E);
+    // they are (probs zeroed first where it is scattered into)
+    const probs = (dense ? plan.probsOut : plan.probsOut?.fill(0)) ?? newFloat(dtype, T * E);
     const probsBits = rawBits(probs);
     const intermediate = plan.intermediateOut ?? new Float32Array(T * E);
     const routeOut: Uint8Array | IndexArray = plan.indicesOut ?? plan.routingMapOut ?? newRoute(route, T, E, K);
@@ -415,12 +425,17 @@ export class WasmBackend implements Backend {
         (interP[j] as number) + a * E * 4,
         routeP + a * rB,
         scratch[j] as number,
+        dense ? probsP + a * E * inB : 0,
         this.#lanes ? 1 : 0,
       ];
       const copyOut = (a: number, rows: number, j: number) => {
         this.#get((interP[j] as number) + a * E * 4, intermediate, (t0 + a) * E, rows * E);
         this.#get(routeP + a * rB, routeOut, (t0 + a) * routeElems, rows * routeElems);
         this.#get(yascP + a * K * 4, yasc, (t0 + a) * K, rows * K);
+        if (dense) {
+          this.#get(probsP + a * E * inB, probs, (t0 + a) * E, rows * E);
+          return;
+        }
         // probs: scatter the K values of each token into the zeroed rows
         for (let t = a; t < a + rows; t++) {
           const row = (t0 + t) * E;

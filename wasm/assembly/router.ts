@@ -5,10 +5,13 @@
 // forward shown; each worker thread gets its own scratch and intermediate):
 //
 //   __heap_base
-//   +-----------+------+----------+--------------+-------+--------+--------+--------+
-//   | scratch   | bias | logits   | intermediate | route | vals   | list   | yasc   |
-//   | (x thread)| [E4] | [T, E]   | [T, E] f32   | [T,.] | [T, K] | [T, K] | [T, K] |
-//   +-----------+------+----------+--------------+-------+--------+--------+--------+
+//   +-----------+------+--------+--------------+--------+--------+--------+-------+--------+
+//   | scratch   | bias | logits | intermediate | vals   | list   | yasc   | route | probs  |
+//   | (x thread)| [E4] | [T, E] | [T, E] f32   | [T, K] | [T, K] | [T, K] | [T,.] | [T, E] |
+//   |           |      |        | (x thread)   |        |        |        |       |        |
+//   +-----------+------+--------+--------------+--------+--------+--------+-------+--------+
+//
+// (route: none for int32 indices, which are the list; probs: small E only)
 //
 // scratch holds one token's working rows, each rounded up to 16 lanes, so
 // that SIMD loops run over whole vectors; pad lanes get neutral values
@@ -1257,26 +1260,63 @@ function readRoute(fmt: i32, E: i32, K: i32, route: usize, M: usize): void {
  * Forward of the top-k router for T tokens (SPEC section 2). Writes, per
  * token: the K chosen experts in selection order (list, i32) with their
  * probs (vals, logits dtype) — the host scatters them into the dense probs,
- * which are 0 elsewhere; the intermediate row (f32); the routing output; and
- * the intermediate at the chosen experts in ascending expert order (yasc,
- * f32), all that the sparse backward needs. bias = 0: none. For int32
- * indices, route may be list itself (the same values, written again).
- * lanes: small rows may take the four-token kernel (see forwardLanes; same
- * bits); false keeps every token on the row kernel (a test hook). Returns
- * how many tokens the four-token kernel took.
+ * which are 0 elsewhere, or, when probs != 0, the kernel writes the dense
+ * rows there itself (see denseRows); the intermediate row (f32); the
+ * routing output; and the intermediate at the chosen experts in ascending
+ * expert order (yasc, f32), all that the sparse backward needs. bias = 0:
+ * none. For int32 indices, route may be list itself (the same values,
+ * written again). lanes: small rows may take the four-token kernel (see
+ * forwardLanes; same bits); false keeps every token on the row kernel (a
+ * test hook). Returns how many tokens the four-token kernel took.
  */
 export function topkForward(
   logits: usize, dt: i32, T: i32, E: i32, K: i32,
   fn: i32, pre: bool, G: i32, GK: i32, scale: f32, bias: usize,
   fmt: i32, radixThreshold: i32,
   vals: usize, list: usize, yasc: usize, inter: usize, route: usize, scratch: usize,
-  lanes: bool,
+  probs: usize, lanes: bool,
 ): i32 {
   if (lanes && lanesApply(E, GK, bias)) {
-    return forwardLanes(logits, dt, T, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vals, list, yasc, inter, route, scratch);
+    return forwardLanes(
+      logits, dt, T, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vals, list, yasc, inter, route, scratch, probs,
+    );
   }
   forwardRows(logits, dt, T, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vals, list, yasc, inter, route, scratch);
+  if (probs) denseRows(list, vals, T, E, K, dt, probs);
   return 0;
+}
+
+// Dense probs rows [T, E] (logits dtype) from the compact ones (list,
+// vals): zeroed, then each token's K values stored at their experts, bit
+// for bit what the host's scatter would give. Rows of a few vectors (small
+// E) are cheaper for the host to copy out dense than to scatter.
+function denseRows(list: usize, vals: usize, T: i32, E: i32, K: i32, dt: i32, probs: usize): void {
+  const inB = <usize>dtBytes(dt);
+  zeroBytes(probs, <usize>T * <usize>E * inB);
+  for (let t = 0; t < T; t++) {
+    const row = probs + <usize>t * <usize>E * inB;
+    for (let c = t * K, end = c + K; c < end; c++) {
+      const e = <usize>load<i32>(list + (<usize>c << 2));
+      if (dt == DT_F32) store<u32>(row + (e << 2), load<u32>(vals + (<usize>c << 2)));
+      else store<u16>(row + (e << 1), load<u16>(vals + (<usize>c << 1)));
+    }
+  }
+}
+
+// Zeroes n bytes (n even), whole vectors first; no store reaches past the end.
+function zeroBytes(p: usize, n: usize): void {
+  const z = f32x4.splat(0);
+  let i: usize = 0;
+  for (; i + 16 <= n; i += 16) v128.store(p + i, z);
+  if (i + 8 <= n) {
+    store<u64>(p + i, 0);
+    i += 8;
+  }
+  if (i + 4 <= n) {
+    store<u32>(p + i, 0);
+    i += 4;
+  }
+  if (i < n) store<u16>(p + i, 0);
 }
 
 // The row kernel: one token at a time, every shape and option.
@@ -1801,25 +1841,40 @@ function storeRows(A: usize, E: i32, out: usize): void {
   }
 }
 
+// rows[j][c_j] = v_j for the four rows of E floats at rows (lane j: row j)
+@inline function scatterLanes(rows: usize, E: i32, c: v128, v: v128): void {
+  const row = <usize>E << 2;
+  store<f32>(rows + (<usize>i32x4.extract_lane(c, 0) << 2), f32x4.extract_lane(v, 0));
+  store<f32>(rows + row + (<usize>i32x4.extract_lane(c, 1) << 2), f32x4.extract_lane(v, 1));
+  store<f32>(rows + 2 * row + (<usize>i32x4.extract_lane(c, 2) << 2), f32x4.extract_lane(v, 2));
+  store<f32>(rows + 3 * row + (<usize>i32x4.extract_lane(c, 3) << 2), f32x4.extract_lane(v, 3));
+}
+
 // write: the outputs of four tokens (pointers at the group's first token):
-// list and probs (c * value, logits dtype) in selection order, the routing
-// output, the intermediate rows, and the intermediate at the chosen
-// experts in ascending expert order (yasc). Lane-wise results go from
-// [k][token] to the outputs' [token][k] by shuffles (float32, K <= 2) or
-// lane by lane.
+// list and probs (c * value, logits dtype) in selection order (and the
+// dense probs rows when probs != 0), the routing output, the intermediate
+// rows, and the intermediate at the chosen experts in ascending expert
+// order (yasc). Lane-wise results go from [k][token] to the outputs'
+// [token][k] by shuffles (float32, K <= 2) or lane by lane.
 @inline function writeLanes(
   fn: i32, pre: bool, dt: i32, E: i32, K: i32, scale: f32, fmt: i32,
   XT: usize, ST: usize, NR: usize, CV: usize, BV: usize, YV: usize,
-  vals: usize, list: usize, yasc: usize, inter: usize, route: usize, routeB: usize,
+  vals: usize, list: usize, yasc: usize, inter: usize, route: usize, routeB: usize, probs: usize,
 ): void {
   if (dt == DT_F32 && K <= 2) {
     const c = f32x4.splat(scale);
     const c0 = v128.load(CV), v0 = f32x4.mul(v128.load(BV), c);
+    if (probs) {
+      // the four rows are 4 * E floats: E vectors
+      for (let i = 0; i < E; i++) v128.store(probs + (<usize>i << 4), f32x4.splat(0));
+      scatterLanes(probs, E, c0, v0);
+    }
     if (K == 1) {
       v128.store(list, c0);
       v128.store(vals, v0);
     } else {
       const c1 = v128.load(CV, 16), v1 = f32x4.mul(v128.load(BV, 16), c);
+      if (probs) scatterLanes(probs, E, c1, v1);
       v128.store(list, i32x4.shuffle(c0, c1, 0, 4, 1, 5));
       v128.store(list, i32x4.shuffle(c0, c1, 2, 6, 3, 7), 16);
       v128.store(vals, i32x4.shuffle(v0, v1, 0, 4, 1, 5));
@@ -1834,6 +1889,7 @@ function storeRows(A: usize, E: i32, out: usize): void {
         storeAs(vals, at, dt, load<f32>(BV + o) * scale);
       }
     }
+    if (probs) denseRows(list, vals, 4, E, K, dt, probs);
   }
   // route: int32 indices are the list (4 * K of them: K vectors)
   if (fmt == ROUTE_I32) {
@@ -1845,14 +1901,9 @@ function storeRows(A: usize, E: i32, out: usize): void {
   // rows are 4 * E floats: E vectors); else s (sqrtsoftplus: x)
   if (fn == SCORE_SOFTMAX && !pre) {
     for (let i = 0; i < E; i++) v128.store(inter + (<usize>i << 4), NEG_INF());
-    const row = <usize>E << 2;
     for (let k = 0; k < K; k++) {
       const o = <usize>k << 4;
-      const c = v128.load(CV + o), v = v128.load(BV + o);
-      store<f32>(inter + (<usize>i32x4.extract_lane(c, 0) << 2), f32x4.extract_lane(v, 0));
-      store<f32>(inter + row + (<usize>i32x4.extract_lane(c, 1) << 2), f32x4.extract_lane(v, 1));
-      store<f32>(inter + 2 * row + (<usize>i32x4.extract_lane(c, 2) << 2), f32x4.extract_lane(v, 2));
-      store<f32>(inter + 3 * row + (<usize>i32x4.extract_lane(c, 3) << 2), f32x4.extract_lane(v, 3));
+      scatterLanes(inter, E, v128.load(CV + o), v128.load(BV + o));
     }
   } else {
     storeRows(fn == SCORE_SQRTSOFTPLUS ? XT : ST, E, inter);
@@ -1894,7 +1945,7 @@ function forwardLanes(
   logits: usize, dt: i32, T: i32, E: i32, K: i32,
   fn: i32, pre: bool, G: i32, GK: i32, scale: f32, bias: usize,
   fmt: i32, radixThreshold: i32,
-  vals: usize, list: usize, yasc: usize, inter: usize, route: usize, scratch: usize,
+  vals: usize, list: usize, yasc: usize, inter: usize, route: usize, scratch: usize, probs: usize,
 ): i32 {
   const vecs = <usize>roundUp4(E) << 4;
   const XT = scratch;
@@ -1917,15 +1968,17 @@ function forwardLanes(
     const src = logits + tE * inB;
     const vrow = vals + tK * inB, lrow = list + (tK << 2), yrow = yasc + (tK << 2);
     const irow = inter + (tE << 2), rrow = route + <usize>t * routeB;
+    const prow = probs ? probs + tE * inB : 0;
     if (!loadLanes(src, dt, E, X4, XT)) {
       // a logit that is not finite: these four tokens take the row kernel
       forwardRows(src, dt, 4, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vrow, lrow, yrow, irow, rrow, scratch);
+      if (probs) denseRows(lrow, vrow, 4, E, K, dt, prow);
       continue;
     }
     scoreLanes(fn, pre, E, XT, ST, bias, RT);
     selectLanes(R, E, K, NR, CV, BV);
     valueLanes(fn, pre, E, K, bias, XT, ST, CV, BV, YV);
-    writeLanes(fn, pre, dt, E, K, scale, fmt, XT, ST, NR, CV, BV, YV, vrow, lrow, yrow, irow, rrow, routeB);
+    writeLanes(fn, pre, dt, E, K, scale, fmt, XT, ST, NR, CV, BV, YV, vrow, lrow, yrow, irow, rrow, routeB, prow);
     taken += 4;
   }
   if (t < T) {
@@ -1935,6 +1988,7 @@ function forwardLanes(
       logits + tE * inB, dt, T - t, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold,
       vals + tK * inB, list + (tK << 2), yasc + (tK << 2), inter + (tE << 2), route + <usize>t * routeB, scratch,
     );
+    if (probs) denseRows(list + (tK << 2), vals + tK * inB, T - t, E, K, dt, probs + tE * inB);
   }
   return taken;
 }

@@ -1702,20 +1702,19 @@ const EXP_UNDER: f32 = reinterpret<f32>(<u32>0xC2CFF1B4); // log(2^-150): below 
   return y;
 }
 
-// select: the top K of the four tokens by R[e] (no NaN), lane-wise, in
-// selection order: CV[k] the expert of rank k, BV[k] its R. Rank: R
-// descending, ties by lower expert. K = 1: one arg-max scan; K = 2: a
-// two-deep insertion scan (in both, a later expert displaces only a
-// strictly smaller score, which keeps ties in index order; pmax(b, r) is
-// exactly r > b ? r : b, and experts come in increasing order, so a new
-// index is max(old, e)); more: each expert's rank counted (NR[e]: minus
-// the number of experts that beat it, a larger R, or an equal one at a
-// lower index), then the expert of each rank picked out. BV holds the bits
-// of R at the chosen experts, but for the second of K = 2, which may be an
-// equal score of another expert: a zero of the other sign at most, and
-// only -0 logits (post-softmax) have one (scores are >= +0), where a zero's
-// sign changes no value (see valueLanes).
-@inline function selectLanes(R: usize, E: i32, K: i32, NR: usize, CV: usize, BV: usize): void {
+// select: the top K of the four tokens by R[e] (no NaN, no infinity),
+// lane-wise, in selection order: CV[k] the expert of rank k, BV[k] its R.
+// Rank: R descending, ties by lower expert. K = 1: one arg-max scan; K = 2:
+// a two-deep insertion scan; more: K rounds of arg-max, each after taking
+// the previous winner out (W: E4 vectors). In the scans a later expert
+// replaces the best so far only with a strictly larger score, which keeps
+// ties in index order (pmax(b, r) is exactly r > b ? r : b), and experts come in increasing
+// order, so a new index is max(old, e). BV holds the bits of R at the
+// chosen experts, but for the second of K = 2, which may be an equal score
+// of another expert: a zero of the other sign at most, and only -0 logits
+// (post-softmax) have one (scores are >= +0), where a zero's sign changes
+// no value (see valueLanes).
+@inline function selectLanes(R: usize, E: i32, K: i32, W: usize, CV: usize, BV: usize): void {
   if (K == 1) {
     let b = v128.load(R);
     let c = i32x4.splat(0);
@@ -1749,25 +1748,26 @@ const EXP_UNDER: f32 = reinterpret<f32>(<u32>0xC2CFF1B4); // log(2^-150): below 
     v128.store(BV, b2, 16);
     return;
   }
-  for (let e = 0; e < E; e++) {
-    const re = v128.load(R + (<usize>e << 4));
-    let n = i32x4.splat(0);
-    for (let j = 0; j < e; j++) n = i32x4.add(n, f32x4.ge(v128.load(R + (<usize>j << 4)), re));
-    for (let j = e + 1; j < E; j++) n = i32x4.add(n, f32x4.gt(v128.load(R + (<usize>j << 4)), re));
-    v128.store(NR + (<usize>e << 4), n);
-  }
+  // K rounds of the arg-max scan over W, a copy of R from which each round
+  // takes the previous winner out (-inf: every R is finite, so it loses to
+  // all the others)
+  let taken = i32x4.splat(-1);
+  let src = R;
   for (let k = 0; k < K; k++) {
-    const nk = i32x4.splat(-k);
+    let b = NEG_INF();
     let c = i32x4.splat(0);
-    let b = c;
     for (let e = 0; e < E; e++) {
       const o = <usize>e << 4;
-      const m = i32x4.eq(v128.load(NR + o), nk);
-      c = v128.or(c, v128.and(m, i32x4.splat(e)));
-      b = v128.or(b, v128.and(m, v128.load(R + o)));
+      const ev = i32x4.splat(e);
+      const w = v128.bitselect(NEG_INF(), v128.load(src + o), i32x4.eq(taken, ev));
+      v128.store(W + o, w);
+      c = i32x4.max_s(c, v128.and(ev, f32x4.gt(w, b)));
+      b = f32x4.pmax(b, w);
     }
     v128.store(CV + (<usize>k << 4), c);
     v128.store(BV + (<usize>k << 4), b);
+    taken = c;
+    src = W;
   }
 }
 
@@ -1841,13 +1841,13 @@ function storeRows(A: usize, E: i32, out: usize): void {
   }
 }
 
-// rows[j][c_j] = v_j for the four rows of E floats at rows (lane j: row j)
-@inline function scatterLanes(rows: usize, E: i32, c: v128, v: v128): void {
-  const row = <usize>E << 2;
-  store<f32>(rows + (<usize>i32x4.extract_lane(c, 0) << 2), f32x4.extract_lane(v, 0));
-  store<f32>(rows + row + (<usize>i32x4.extract_lane(c, 1) << 2), f32x4.extract_lane(v, 1));
-  store<f32>(rows + 2 * row + (<usize>i32x4.extract_lane(c, 2) << 2), f32x4.extract_lane(v, 2));
-  store<f32>(rows + 3 * row + (<usize>i32x4.extract_lane(c, 3) << 2), f32x4.extract_lane(v, 3));
+// rows[j][c_j] = v_j (bits) for the four rows of n 32-bit words at rows (lane j: row j)
+@inline function scatterLanes(rows: usize, n: i32, c: v128, v: v128): void {
+  const row = <usize>n << 2;
+  store<i32>(rows + (<usize>i32x4.extract_lane(c, 0) << 2), i32x4.extract_lane(v, 0));
+  store<i32>(rows + row + (<usize>i32x4.extract_lane(c, 1) << 2), i32x4.extract_lane(v, 1));
+  store<i32>(rows + 2 * row + (<usize>i32x4.extract_lane(c, 2) << 2), i32x4.extract_lane(v, 2));
+  store<i32>(rows + 3 * row + (<usize>i32x4.extract_lane(c, 3) << 2), i32x4.extract_lane(v, 3));
 }
 
 // write: the outputs of four tokens (pointers at the group's first token):
@@ -1861,24 +1861,48 @@ function storeRows(A: usize, E: i32, out: usize): void {
   XT: usize, ST: usize, NR: usize, CV: usize, BV: usize, YV: usize,
   vals: usize, list: usize, yasc: usize, inter: usize, route: usize, routeB: usize, probs: usize,
 ): void {
-  if (dt == DT_F32 && K <= 2) {
+  if (dt == DT_F32) {
     const c = f32x4.splat(scale);
-    const c0 = v128.load(CV), v0 = f32x4.mul(v128.load(BV), c);
-    if (probs) {
-      // the four rows are 4 * E floats: E vectors
-      for (let i = 0; i < E; i++) v128.store(probs + (<usize>i << 4), f32x4.splat(0));
-      scatterLanes(probs, E, c0, v0);
-    }
-    if (K == 1) {
-      v128.store(list, c0);
-      v128.store(vals, v0);
+    // dense probs: the four rows are 4 * E floats, E vectors
+    if (probs) for (let i = 0; i < E; i++) v128.store(probs + (<usize>i << 4), f32x4.splat(0));
+    if (K <= 2) {
+      const c0 = v128.load(CV), v0 = f32x4.mul(v128.load(BV), c);
+      if (probs) scatterLanes(probs, E, c0, v0);
+      if (K == 1) {
+        v128.store(list, c0);
+        v128.store(vals, v0);
+      } else {
+        const c1 = v128.load(CV, 16), v1 = f32x4.mul(v128.load(BV, 16), c);
+        if (probs) scatterLanes(probs, E, c1, v1);
+        v128.store(list, i32x4.shuffle(c0, c1, 0, 4, 1, 5));
+        v128.store(list, i32x4.shuffle(c0, c1, 2, 6, 3, 7), 16);
+        v128.store(vals, i32x4.shuffle(v0, v1, 0, 4, 1, 5));
+        v128.store(vals, i32x4.shuffle(v0, v1, 2, 6, 3, 7), 16);
+      }
     } else {
-      const c1 = v128.load(CV, 16), v1 = f32x4.mul(v128.load(BV, 16), c);
-      if (probs) scatterLanes(probs, E, c1, v1);
-      v128.store(list, i32x4.shuffle(c0, c1, 0, 4, 1, 5));
-      v128.store(list, i32x4.shuffle(c0, c1, 2, 6, 3, 7), 16);
-      v128.store(vals, i32x4.shuffle(v0, v1, 0, 4, 1, 5));
-      v128.store(vals, i32x4.shuffle(v0, v1, 2, 6, 3, 7), 16);
+      // 4 values of a token at a time (a 4x4 transpose), then one by one
+      const rowK = <usize>K << 2;
+      let k = 0;
+      for (; k + 4 <= K; k += 4) {
+        const o = <usize>k << 4, l = list + (<usize>k << 2), v = vals + (<usize>k << 2);
+        transpose4(v128.load(CV + o), v128.load(CV + o, 16), v128.load(CV + o, 32), v128.load(CV + o, 48), l, l + rowK, l + 2 * rowK, l + 3 * rowK);
+        transpose4(
+          f32x4.mul(v128.load(BV + o), c), f32x4.mul(v128.load(BV + o, 16), c),
+          f32x4.mul(v128.load(BV + o, 32), c), f32x4.mul(v128.load(BV + o, 48), c),
+          v, v + rowK, v + 2 * rowK, v + 3 * rowK,
+        );
+      }
+      for (; k < K; k++) {
+        const o = <usize>k << 4;
+        scatterLanes(list, K, i32x4.splat(k), v128.load(CV + o));
+        scatterLanes(vals, K, i32x4.splat(k), f32x4.mul(v128.load(BV + o), c));
+      }
+      if (probs) {
+        for (let k = 0; k < K; k++) {
+          const o = <usize>k << 4;
+          scatterLanes(probs, E, v128.load(CV + o), f32x4.mul(v128.load(BV + o), c));
+        }
+      }
     }
   } else {
     for (let j = 0; j < 4; j++) {

@@ -1261,13 +1261,13 @@ function readRoute(fmt: i32, E: i32, K: i32, route: usize, M: usize): void {
  * token: the K chosen experts in selection order (list, i32) with their
  * probs (vals, logits dtype) — the host scatters them into the dense probs,
  * which are 0 elsewhere, or, when probs != 0, the kernel writes the dense
- * rows there itself (see denseRows); the intermediate row (f32); the
- * routing output; and the intermediate at the chosen experts in ascending
- * expert order (yasc, f32), all that the sparse backward needs. bias = 0:
- * none. For int32 indices, route may be list itself (the same values,
- * written again). lanes: small rows may take the four-token kernel (see
- * forwardLanes; same bits); false keeps every token on the row kernel (a
- * test hook). Returns how many tokens the four-token kernel took.
+ * rows there itself (see denseRows; vals are then not always written); the
+ * intermediate row (f32); the routing output; and the intermediate at the
+ * chosen experts in ascending expert order (yasc, f32), all that the sparse
+ * backward needs. bias = 0: none. For int32 indices, route may be list
+ * itself (the same values). lanes: small rows may take the four-token
+ * kernel (see forwardLanes; same bits); false keeps every token on the row
+ * kernel (a test hook). Returns how many tokens the four-token kernel took.
  */
 export function topkForward(
   logits: usize, dt: i32, T: i32, E: i32, K: i32,
@@ -1850,6 +1850,40 @@ function storeRows(A: usize, E: i32, out: usize): void {
   store<i32>(rows + 3 * row + (<usize>i32x4.extract_lane(c, 3) << 2), i32x4.extract_lane(v, 3));
 }
 
+// The [token][k] rows of K 32-bit values a token (out: 4 rows of K) from
+// the lane-wise vectors A[K] ([k][token]), times c when scaled: shuffles
+// for K <= 2, 4x4 transposes of 4 values a token, then one by one.
+@inline function tokenRows(A: usize, K: i32, out: usize, c: v128, scaled: bool): void {
+  const a0 = scaled ? f32x4.mul(v128.load(A), c) : v128.load(A);
+  if (K == 1) {
+    v128.store(out, a0);
+    return;
+  }
+  if (K == 2) {
+    const a1 = scaled ? f32x4.mul(v128.load(A, 16), c) : v128.load(A, 16);
+    v128.store(out, i32x4.shuffle(a0, a1, 0, 4, 1, 5));
+    v128.store(out, i32x4.shuffle(a0, a1, 2, 6, 3, 7), 16);
+    return;
+  }
+  const row = <usize>K << 2;
+  let k = 0;
+  for (; k + 4 <= K; k += 4) {
+    const p = A + (<usize>k << 4), o = out + (<usize>k << 2);
+    let v0 = v128.load(p), v1 = v128.load(p, 16), v2 = v128.load(p, 32), v3 = v128.load(p, 48);
+    if (scaled) {
+      v0 = f32x4.mul(v0, c);
+      v1 = f32x4.mul(v1, c);
+      v2 = f32x4.mul(v2, c);
+      v3 = f32x4.mul(v3, c);
+    }
+    transpose4(v0, v1, v2, v3, o, o + row, o + 2 * row, o + 3 * row);
+  }
+  for (; k < K; k++) {
+    const v = v128.load(A + (<usize>k << 4));
+    scatterLanes(out, K, i32x4.splat(k), scaled ? f32x4.mul(v, c) : v);
+  }
+}
+
 // write: the outputs of four tokens (pointers at the group's first token):
 // list and probs (c * value, logits dtype) in selection order (and the
 // dense probs rows when probs != 0), the routing output, the intermediate
@@ -1863,46 +1897,17 @@ function storeRows(A: usize, E: i32, out: usize): void {
 ): void {
   if (dt == DT_F32) {
     const c = f32x4.splat(scale);
-    // dense probs: the four rows are 4 * E floats, E vectors
-    if (probs) for (let i = 0; i < E; i++) v128.store(probs + (<usize>i << 4), f32x4.splat(0));
-    if (K <= 2) {
-      const c0 = v128.load(CV), v0 = f32x4.mul(v128.load(BV), c);
-      if (probs) scatterLanes(probs, E, c0, v0);
-      if (K == 1) {
-        v128.store(list, c0);
-        v128.store(vals, v0);
-      } else {
-        const c1 = v128.load(CV, 16), v1 = f32x4.mul(v128.load(BV, 16), c);
-        if (probs) scatterLanes(probs, E, c1, v1);
-        v128.store(list, i32x4.shuffle(c0, c1, 0, 4, 1, 5));
-        v128.store(list, i32x4.shuffle(c0, c1, 2, 6, 3, 7), 16);
-        v128.store(vals, i32x4.shuffle(v0, v1, 0, 4, 1, 5));
-        v128.store(vals, i32x4.shuffle(v0, v1, 2, 6, 3, 7), 16);
+    tokenRows(CV, K, list, c, false);
+    if (probs) {
+      // dense probs instead of vals (nothing reads those then): the four
+      // rows are 4 * E floats, E vectors
+      for (let i = 0; i < E; i++) v128.store(probs + (<usize>i << 4), f32x4.splat(0));
+      for (let k = 0; k < K; k++) {
+        const o = <usize>k << 4;
+        scatterLanes(probs, E, v128.load(CV + o), f32x4.mul(v128.load(BV + o), c));
       }
     } else {
-      // 4 values of a token at a time (a 4x4 transpose), then one by one
-      const rowK = <usize>K << 2;
-      let k = 0;
-      for (; k + 4 <= K; k += 4) {
-        const o = <usize>k << 4, l = list + (<usize>k << 2), v = vals + (<usize>k << 2);
-        transpose4(v128.load(CV + o), v128.load(CV + o, 16), v128.load(CV + o, 32), v128.load(CV + o, 48), l, l + rowK, l + 2 * rowK, l + 3 * rowK);
-        transpose4(
-          f32x4.mul(v128.load(BV + o), c), f32x4.mul(v128.load(BV + o, 16), c),
-          f32x4.mul(v128.load(BV + o, 32), c), f32x4.mul(v128.load(BV + o, 48), c),
-          v, v + rowK, v + 2 * rowK, v + 3 * rowK,
-        );
-      }
-      for (; k < K; k++) {
-        const o = <usize>k << 4;
-        scatterLanes(list, K, i32x4.splat(k), v128.load(CV + o));
-        scatterLanes(vals, K, i32x4.splat(k), f32x4.mul(v128.load(BV + o), c));
-      }
-      if (probs) {
-        for (let k = 0; k < K; k++) {
-          const o = <usize>k << 4;
-          scatterLanes(probs, E, v128.load(CV + o), f32x4.mul(v128.load(BV + o), c));
-        }
-      }
+      tokenRows(BV, K, vals, c, true);
     }
   } else {
     for (let j = 0; j < 4; j++) {
@@ -1915,9 +1920,9 @@ function storeRows(A: usize, E: i32, out: usize): void {
     }
     if (probs) denseRows(list, vals, 4, E, K, dt, probs);
   }
-  // route: int32 indices are the list (4 * K of them: K vectors)
+  // route: int32 indices are the list (4 * K of them: K vectors; the host may pass the list itself)
   if (fmt == ROUTE_I32) {
-    for (let k = 0; k < K; k++) v128.store(route + (<usize>k << 4), v128.load(list + (<usize>k << 4)));
+    if (route != list) for (let k = 0; k < K; k++) v128.store(route + (<usize>k << 4), v128.load(list + (<usize>k << 4)));
   } else {
     for (let j = 0; j < 4; j++) writeRoute(fmt, E, K, list + (<usize>(j * K) << 2), route + <usize>j * routeB);
   }

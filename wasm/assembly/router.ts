@@ -1708,12 +1708,12 @@ const EXP_UNDER: f32 = reinterpret<f32>(<u32>0xC2CFF1B4); // log(2^-150): below 
 // a two-deep insertion scan; more: K rounds of arg-max, each after taking
 // the previous winner out (W: E4 vectors). In the scans a later expert
 // replaces the best so far only with a strictly larger score, which keeps
-// ties in index order (pmax(b, r) is exactly r > b ? r : b), and experts come in increasing
-// order, so a new index is max(old, e). BV holds the bits of R at the
-// chosen experts, but for the second of K = 2, which may be an equal score
-// of another expert: a zero of the other sign at most, and only -0 logits
-// (post-softmax) have one (scores are >= +0), where a zero's sign changes
-// no value (see valueLanes).
+// ties in index order (pmax(b, r) is exactly r > b ? r : b), and experts
+// come in increasing order, so a new index is max(old, e). BV holds the
+// bits of R at the chosen experts, but for the second of K = 2, which may
+// be an equal score of another expert: a zero of the other sign at most,
+// and only -0 logits (post-softmax) have one (scores are >= +0), where a
+// zero's sign changes no value (see valueLanes).
 @inline function selectLanes(R: usize, E: i32, K: i32, W: usize, CV: usize, BV: usize): void {
   if (K == 1) {
     let b = v128.load(R);
@@ -1892,7 +1892,7 @@ function storeRows(A: usize, E: i32, out: usize): void {
 // [token][k] by shuffles (float32, K <= 2) or lane by lane.
 @inline function writeLanes(
   fn: i32, pre: bool, dt: i32, E: i32, K: i32, scale: f32, fmt: i32,
-  XT: usize, ST: usize, NR: usize, CV: usize, BV: usize, YV: usize,
+  XT: usize, ST: usize, W: usize, CV: usize, BV: usize, YV: usize,
   vals: usize, list: usize, yasc: usize, inter: usize, route: usize, routeB: usize, probs: usize,
 ): void {
   if (dt == DT_F32) {
@@ -1953,23 +1953,23 @@ function storeRows(A: usize, E: i32, out: usize): void {
       const ck = v128.load(CV + (<usize>k << 4));
       let n = i32x4.splat(0);
       for (let h = 0; h < K; h++) n = i32x4.sub(n, i32x4.lt_s(v128.load(CV + (<usize>h << 4)), ck));
-      v128.store(NR + (<usize>k << 4), n);
+      v128.store(W + (<usize>k << 4), n);
     }
     for (let j = 0; j < 4; j++) {
       for (let k = 0; k < K; k++) {
         const o = (<usize>k << 4) + (<usize>j << 2);
-        store<f32>(yasc + (<usize>(j * K + load<i32>(NR + o)) << 2), load<f32>(YV + o));
+        store<f32>(yasc + (<usize>(j * K + load<i32>(W + o)) << 2), load<f32>(YV + o));
       }
     }
   }
 }
 
 // The four-token kernel (see above); topkForward's arguments. Scratch, in
-// vectors (16 bytes): XT, ST, RT, NR: E4 each (logits, scores, selection
-// scores, ranks), CV, BV,
-// YV: K each (chosen experts, their values, their intermediate), then X4:
-// 4 rows of E4 floats. At most 80 * E4 + 48 * K <= 2048 bytes: within
-// scratchBytes(E, K, G) for E <= 16 (1616 + 32 * K4 and more).
+// vectors (16 bytes): XT, ST, RT, W: E4 each (logits, scores, selection
+// scores, work vectors of select and write), CV, BV, YV: K each (chosen
+// experts, their values, their intermediate), then X4: 4 rows of E4
+// floats. At most 80 * E4 + 48 * K <= 2048 bytes: within scratchBytes(E,
+// K, G) for E <= 16 (1616 + 32 * K4 and more).
 function forwardLanes(
   logits: usize, dt: i32, T: i32, E: i32, K: i32,
   fn: i32, pre: bool, G: i32, GK: i32, scale: f32, bias: usize,
@@ -1980,8 +1980,8 @@ function forwardLanes(
   const XT = scratch;
   const ST = XT + vecs;
   const RT = ST + vecs;
-  const NR = RT + vecs;
-  const CV = NR + vecs;
+  const W = RT + vecs;
+  const CV = W + vecs;
   const BV = CV + (<usize>K << 4);
   const YV = BV + (<usize>K << 4);
   const X4 = YV + (<usize>K << 4);
@@ -2005,9 +2005,9 @@ function forwardLanes(
       continue;
     }
     scoreLanes(fn, pre, E, XT, ST, bias, RT);
-    selectLanes(R, E, K, NR, CV, BV);
+    selectLanes(R, E, K, W, CV, BV);
     valueLanes(fn, pre, E, K, bias, XT, ST, CV, BV, YV);
-    writeLanes(fn, pre, dt, E, K, scale, fmt, XT, ST, NR, CV, BV, YV, vrow, lrow, yrow, irow, rrow, routeB, prow);
+    writeLanes(fn, pre, dt, E, K, scale, fmt, XT, ST, W, CV, BV, YV, vrow, lrow, yrow, irow, rrow, routeB, prow);
     taken += 4;
   }
   if (t < T) {

@@ -1261,7 +1261,7 @@ function readRoute(fmt: i32, E: i32, K: i32, route: usize, M: usize): void {
  * token: the K chosen experts in selection order (list, i32) with their
  * probs (vals, logits dtype) — the host scatters them into the dense probs,
  * which are 0 elsewhere, or, when probs != 0, the kernel writes the dense
- * rows there itself (see denseRows; vals are then not always written); the
+ * rows there itself (see scatterRows; vals are then not always written); the
  * intermediate row (f32); the routing output; and the intermediate at the
  * chosen experts in ascending expert order (yasc, f32), all that the sparse
  * backward needs. bias = 0: none. For int32 indices, route may be list
@@ -1282,23 +1282,43 @@ export function topkForward(
     );
   }
   forwardRows(logits, dt, T, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vals, list, yasc, inter, route, scratch);
-  if (probs) denseRows(list, vals, T, E, K, dt, probs);
+  if (probs) scatterRows(list, vals, T, E, K, dt, probs);
   return 0;
 }
 
-// Dense probs rows [T, E] (logits dtype) from the compact ones (list,
-// vals): zeroed, then each token's K values stored at their experts, bit
-// for bit what the host's scatter would give. Rows of a few vectors (small
-// E) are cheaper for the host to copy out dense than to scatter.
-function denseRows(list: usize, vals: usize, T: i32, E: i32, K: i32, dt: i32, probs: usize): void {
+/**
+ * Dense rows [T, E] (logits dtype: probs, gradLogits) from compact ones
+ * (list: T x K expert ids, vals: T x K values): zeroed, then each token's K
+ * values stored at their experts (ids < 0: none), bit for bit what a
+ * scatter on the host gives. Rows of a few vectors (small E) cost the host
+ * less to copy out dense than to scatter into.
+ */
+export function scatterRows(list: usize, vals: usize, T: i32, E: i32, K: i32, dt: i32, rows: usize): void {
   const inB = <usize>dtBytes(dt);
-  zeroBytes(probs, <usize>T * <usize>E * inB);
+  zeroBytes(rows, <usize>T * <usize>E * inB);
   for (let t = 0; t < T; t++) {
-    const row = probs + <usize>t * <usize>E * inB;
+    const row = rows + <usize>t * <usize>E * inB;
     for (let c = t * K, end = c + K; c < end; c++) {
-      const e = <usize>load<i32>(list + (<usize>c << 2));
-      if (dt == DT_F32) store<u32>(row + (e << 2), load<u32>(vals + (<usize>c << 2)));
-      else store<u16>(row + (e << 1), load<u16>(vals + (<usize>c << 1)));
+      const e = load<i32>(list + (<usize>c << 2));
+      if (e < 0) continue;
+      if (dt == DT_F32) store<u32>(row + (<usize>e << 2), load<u32>(vals + (<usize>c << 2)));
+      else store<u16>(row + (<usize>e << 1), load<u16>(vals + (<usize>c << 1)));
+    }
+  }
+}
+
+/**
+ * The compact rows' counterpart of scatterRows: vals[t, k] = rows[t,
+ * list[t, k]] (bits, logits dtype; 0 where the id is < 0).
+ */
+export function gatherRows(rows: usize, T: i32, E: i32, K: i32, dt: i32, list: usize, vals: usize): void {
+  const inB = <usize>dtBytes(dt);
+  for (let t = 0; t < T; t++) {
+    const row = rows + <usize>t * <usize>E * inB;
+    for (let c = t * K, end = c + K; c < end; c++) {
+      const e = load<i32>(list + (<usize>c << 2));
+      if (dt == DT_F32) store<u32>(vals + (<usize>c << 2), e < 0 ? 0 : load<u32>(row + (<usize>e << 2)));
+      else store<u16>(vals + (<usize>c << 1), e < 0 ? 0 : load<u16>(row + (<usize>e << 1)));
     }
   }
 }
@@ -1918,7 +1938,7 @@ function storeRows(A: usize, E: i32, out: usize): void {
         storeAs(vals, at, dt, load<f32>(BV + o) * scale);
       }
     }
-    if (probs) denseRows(list, vals, 4, E, K, dt, probs);
+    if (probs) scatterRows(list, vals, 4, E, K, dt, probs);
   }
   // route: int32 indices are the list (4 * K of them: K vectors; the host may pass the list itself)
   if (fmt == ROUTE_I32) {
@@ -2001,7 +2021,7 @@ function forwardLanes(
     if (!loadLanes(src, dt, E, X4, XT)) {
       // a logit that is not finite: these four tokens take the row kernel
       forwardRows(src, dt, 4, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vrow, lrow, yrow, irow, rrow, scratch);
-      if (probs) denseRows(lrow, vrow, 4, E, K, dt, prow);
+      if (probs) scatterRows(lrow, vrow, 4, E, K, dt, prow);
       continue;
     }
     scoreLanes(fn, pre, E, XT, ST, bias, RT);
@@ -2017,7 +2037,7 @@ function forwardLanes(
       logits + tE * inB, dt, T - t, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold,
       vals + tK * inB, list + (tK << 2), yasc + (tK << 2), inter + (tE << 2), route + <usize>t * routeB, scratch,
     );
-    if (probs) denseRows(list + (tK << 2), vals + tK * inB, T - t, E, K, dt, probs + tE * inB);
+    if (probs) scatterRows(list + (tK << 2), vals + tK * inB, T - t, E, K, dt, probs + tE * inB);
   }
   return taken;
 }
@@ -2056,6 +2076,13 @@ function maskToList(MASK: usize, n: i32, K: i32, dst: usize): i32 {
     }
   }
   return c;
+}
+
+// Dense index k of a routing row (int16, int32 or int64), as i32
+@inline function readId(fmt: i32, row: usize, k: i32): i32 {
+  if (fmt == ROUTE_I16) return <i32>load<i16>(row + (<usize>k << 1));
+  if (fmt == ROUTE_I32) return load<i32>(row + (<usize>k << 2));
+  return <i32>load<i64>(row + (<usize>k << 3));
 }
 
 /**
@@ -2101,15 +2128,27 @@ export function routeList(fmt: i32, T: i32, E: i32, K: i32, route: usize, list: 
           bits &= bits - 1;
         }
       }
+    } else if (K <= 2) {
+      // one or two ids: ordered by min / max, not by the sort's loop, whose
+      // branch would go either way at random (ids outside [0, E) dropped)
+      const a = readId(fmt, row, 0);
+      const x = <u32>a < <u32>E ? a : -1;
+      if (K == 1) {
+        store<i32>(dst, x);
+      } else {
+        const b = readId(fmt, row, 1);
+        const y = <u32>b < <u32>E ? b : -1;
+        const both = x >= 0 && y >= 0;
+        store<i32>(dst, both ? min(x, y) : max(x, y));
+        store<i32>(dst, both ? max(x, y) : -1, 4);
+      }
+      c = K;
     } else {
       // dense ids -> i32 (ids outside [0, E) are dropped), then ascending
       const ids = scratch + <usize>E16;
       let n = 0;
       for (let k = 0; k < K; k++) {
-        let e: i32;
-        if (fmt == ROUTE_I16) e = <i32>load<i16>(row + (<usize>k << 1));
-        else if (fmt == ROUTE_I32) e = load<i32>(row + (<usize>k << 2));
-        else e = <i32>load<i64>(row + (<usize>k << 3));
+        const e = readId(fmt, row, k);
         if (e >= 0 && e < E) {
           store<i32>(ids + (<usize>n << 2), e);
           n++;

@@ -1,15 +1,17 @@
 /**
- * The four-token top-k forward of the WebAssembly kernels (wasm/assembly/
- * router.ts, forwardLanes: small rows, four tokens per vector), and the
- * dense probs rows that small rows come back as, give the bits of the row
- * kernel and the host's probs scatter they stand in for, on every output:
- * probs, the intermediate, the routing output of every format, the saved
- * state, and so the gradients. Both run in one process: `lanes: false`
+ * Small rows in the WebAssembly kernels give the bits of the paths they
+ * stand in for. The four-token top-k forward (wasm/assembly/router.ts,
+ * forwardLanes: E <= 16, four tokens per vector), and the dense rows that
+ * small rows cross the module's boundary as (probs, gradProbs, gradLogits),
+ * against the row kernel and the host's gathers and scatters, on every
+ * output: probs, the intermediate, the routing output of every format, the
+ * saved state, and the gradients. Both run in one process: `lanes: false`
  * keeps a backend on the former path. Configurations are drawn at random
  * over E in [1, 16], K in [1, E], odd token counts, every score function,
  * bias, group limits, scaling, dtype, layout and caller buffers, with data
  * made to hit ties, signed zeros, extremes and non-finite logits (whose
- * groups of four go to the row kernel).
+ * groups of four go to the row kernel). And the backward's list of chosen
+ * experts, ordered without a sort for one or two ids.
  *
  * @module
  */
@@ -17,7 +19,7 @@ import assert from "node:assert";
 import type { FloatDType, FloatTensor, IndexDType, RoutingMapFormat, TopkOptions } from "../mod.ts";
 import { planTopk } from "../_validate.ts";
 import type { TopkPlan } from "../_validate.ts";
-import { WasmBackend } from "../wasm/backend.ts";
+import { instantiateKernels, WasmBackend } from "../wasm/backend.ts";
 import { assertBitIdentical } from "./_assert.ts";
 import { mulberry32, normal, normals } from "./_generators.ts";
 import type { Rng } from "./_generators.ts";
@@ -244,4 +246,47 @@ Deno.test("the four-token kernel gives the row kernel's bits on worker threads a
     chunked.dispose();
     rows.dispose();
   }
+});
+
+Deno.test("the backward's list of chosen experts orders one or two dense ids like the sort it replaces", async () => {
+  // routeList (wasm/assembly/router.ts): ids outside [0, E) dropped, the rest ascending, -1 after them
+  const k = await instantiateKernels() as unknown as {
+    memory: WebAssembly.Memory;
+    heapBase(): number;
+    routeList(fmt: number, T: number, E: number, K: number, route: number, list: number, scratch: number): void;
+  };
+  const E = 8;
+  const ids = [-5, -1, 0, 1, 3, 7, 8, 100, 2 ** 31 - 1];
+  let rows = 0;
+  for (const [fmt, bytes] of [[2, 2], [3, 4], [4, 8]] as const) {
+    for (const K of [1, 2, 3]) {
+      const combos: number[][] = [[]];
+      for (let j = 0; j < K; j++) combos.splice(0, combos.length, ...combos.flatMap((c) => ids.map((x) => [...c, x])));
+      const T = combos.length;
+      const scratch = Math.ceil(k.heapBase() / 16) * 16;
+      const route = scratch + 4096;
+      const list = route + T * K * 8 + 64;
+      const need = list + T * K * 4 + 64 - k.memory.buffer.byteLength;
+      if (need > 0) k.memory.grow(Math.ceil(need / 65536));
+      const view = new DataView(k.memory.buffer);
+      combos.forEach((c, t) =>
+        c.forEach((x, j) => {
+          const at = route + (t * K + j) * bytes;
+          if (bytes === 2) view.setInt16(at, x, true);
+          else if (bytes === 4) view.setInt32(at, x, true);
+          else view.setBigInt64(at, BigInt(x), true);
+        })
+      );
+      k.routeList(fmt, T, E, K, route, list, scratch);
+      const got = new Int32Array(k.memory.buffer, list, T * K);
+      combos.forEach((c, t) => {
+        const stored = c.map((x) => bytes === 2 ? (x << 16) >> 16 : x | 0);
+        const want = stored.filter((x) => x >= 0 && x < E).sort((a, b) => a - b);
+        while (want.length < K) want.push(-1);
+        assert.deepStrictEqual([...got.subarray(t * K, (t + 1) * K)], want, `ids ${c} (format ${fmt})`);
+        rows++;
+      });
+    }
+  }
+  assert.ok(rows > 2000);
 });

@@ -5,10 +5,13 @@
 // forward shown; each worker thread gets its own scratch and intermediate):
 //
 //   __heap_base
-//   +-----------+------+----------+--------------+-------+--------+--------+--------+
-//   | scratch   | bias | logits   | intermediate | route | vals   | list   | yasc   |
-//   | (x thread)| [E4] | [T, E]   | [T, E] f32   | [T,.] | [T, K] | [T, K] | [T, K] |
-//   +-----------+------+----------+--------------+-------+--------+--------+--------+
+//   +-----------+------+--------+--------------+--------+--------+--------+-------+--------+
+//   | scratch   | bias | logits | intermediate | vals   | list   | yasc   | route | probs  |
+//   | (x thread)| [E4] | [T, E] | [T, E] f32   | [T, K] | [T, K] | [T, K] | [T,.] | [T, E] |
+//   |           |      |        | (x thread)   |        |        |        |       |        |
+//   +-----------+------+--------+--------------+--------+--------+--------+-------+--------+
+//
+// (route: none for int32 indices, which are the list; probs: small E only)
 //
 // scratch holds one token's working rows, each rounded up to 16 lanes, so
 // that SIMD loops run over whole vectors; pad lanes get neutral values
@@ -377,18 +380,24 @@ const VCONST = memory.data<f32>([
 
 /**
  * Test hook: applies one vector routine (0 exp, 1 log1p, 2 sigmoid, 3 sqrtsoftplus, 4 exp of x <= 0,
- * 5 the forward's sigmoid) to n floats in place.
+ * 5 the forward's sigmoid, 6 the four-token kernel's exp of x <= 0, 7 the scalar NativeMathf.exp) to n
+ * floats in place.
  */
 export function mathCheck(kind: i32, ptr: usize, n: i32): void {
   for (let i = 0; i < n; i += 4) {
     const p = ptr + (<usize>i << 2);
     const x = v128.load(p);
+    if (kind == 7) {
+      for (let j = 0; j < 4; j++) store<f32>(p + (<usize>j << 2), NativeMathf.exp(load<f32>(p + (<usize>j << 2))));
+      continue;
+    }
     let y: v128;
     if (kind == 0) y = vexp(x);
     else if (kind == 1) y = vlog1p(x);
     else if (kind == 2) y = vsigmoid(x);
     else if (kind == 3) y = vsqrtsoftplus(x);
     else if (kind == 4) y = vexpNeg(x);
+    else if (kind == 6) y = vexpLut(x);
     else y = vsigmoidFast(x);
     v128.store(p, y);
   }
@@ -1251,11 +1260,87 @@ function readRoute(fmt: i32, E: i32, K: i32, route: usize, M: usize): void {
  * Forward of the top-k router for T tokens (SPEC section 2). Writes, per
  * token: the K chosen experts in selection order (list, i32) with their
  * probs (vals, logits dtype) — the host scatters them into the dense probs,
- * which are 0 elsewhere; the intermediate row (f32); the routing output; and
- * the intermediate at the chosen experts in ascending expert order (yasc,
- * f32), all that the sparse backward needs. bias = 0: none.
+ * which are 0 elsewhere, or, when probs != 0, the kernel writes the dense
+ * rows there itself (see scatterRows; vals are then not always written); the
+ * intermediate row (f32); the routing output; and the intermediate at the
+ * chosen experts in ascending expert order (yasc, f32), all that the sparse
+ * backward needs. bias = 0: none. For int32 indices, route may be list
+ * itself (the same values). lanes: small rows may take the four-token
+ * kernel (see forwardLanes; same bits); false keeps every token on the row
+ * kernel (a test hook). Returns how many tokens the four-token kernel took.
  */
 export function topkForward(
+  logits: usize, dt: i32, T: i32, E: i32, K: i32,
+  fn: i32, pre: bool, G: i32, GK: i32, scale: f32, bias: usize,
+  fmt: i32, radixThreshold: i32,
+  vals: usize, list: usize, yasc: usize, inter: usize, route: usize, scratch: usize,
+  probs: usize, lanes: bool,
+): i32 {
+  if (lanes && lanesApply(E, GK, bias)) {
+    return forwardLanes(
+      logits, dt, T, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vals, list, yasc, inter, route, scratch, probs,
+    );
+  }
+  forwardRows(logits, dt, T, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vals, list, yasc, inter, route, scratch);
+  if (probs) scatterRows(list, vals, T, E, K, dt, probs);
+  return 0;
+}
+
+/**
+ * Dense rows [T, E] (logits dtype: probs, gradLogits) from compact ones
+ * (list: T x K expert ids, vals: T x K values): zeroed, then each token's K
+ * values stored at their experts (ids < 0: none), bit for bit what a
+ * scatter on the host gives. Rows of a few vectors (small E) cost the host
+ * less to copy out dense than to scatter into.
+ */
+export function scatterRows(list: usize, vals: usize, T: i32, E: i32, K: i32, dt: i32, rows: usize): void {
+  const inB = <usize>dtBytes(dt);
+  zeroBytes(rows, <usize>T * <usize>E * inB);
+  for (let t = 0; t < T; t++) {
+    const row = rows + <usize>t * <usize>E * inB;
+    for (let c = t * K, end = c + K; c < end; c++) {
+      const e = load<i32>(list + (<usize>c << 2));
+      if (e < 0) continue;
+      if (dt == DT_F32) store<u32>(row + (<usize>e << 2), load<u32>(vals + (<usize>c << 2)));
+      else store<u16>(row + (<usize>e << 1), load<u16>(vals + (<usize>c << 1)));
+    }
+  }
+}
+
+/**
+ * The compact rows' counterpart of scatterRows: vals[t, k] = rows[t,
+ * list[t, k]] (bits, logits dtype; 0 where the id is < 0).
+ */
+export function gatherRows(rows: usize, T: i32, E: i32, K: i32, dt: i32, list: usize, vals: usize): void {
+  const inB = <usize>dtBytes(dt);
+  for (let t = 0; t < T; t++) {
+    const row = rows + <usize>t * <usize>E * inB;
+    for (let c = t * K, end = c + K; c < end; c++) {
+      const e = load<i32>(list + (<usize>c << 2));
+      if (dt == DT_F32) store<u32>(vals + (<usize>c << 2), e < 0 ? 0 : load<u32>(row + (<usize>e << 2)));
+      else store<u16>(vals + (<usize>c << 1), e < 0 ? 0 : load<u16>(row + (<usize>e << 1)));
+    }
+  }
+}
+
+// Zeroes n bytes (n even), whole vectors first; no store reaches past the end.
+function zeroBytes(p: usize, n: usize): void {
+  const z = f32x4.splat(0);
+  let i: usize = 0;
+  for (; i + 16 <= n; i += 16) v128.store(p + i, z);
+  if (i + 8 <= n) {
+    store<u64>(p + i, 0);
+    i += 8;
+  }
+  if (i + 4 <= n) {
+    store<u32>(p + i, 0);
+    i += 4;
+  }
+  if (i < n) store<u16>(p + i, 0);
+}
+
+// The row kernel: one token at a time, every shape and option.
+function forwardRows(
   logits: usize, dt: i32, T: i32, E: i32, K: i32,
   fn: i32, pre: bool, G: i32, GK: i32, scale: f32, bias: usize,
   fmt: i32, radixThreshold: i32,
@@ -1469,6 +1554,494 @@ export function topkForward(
   }
 }
 
+// ---- top-k forward: four tokens at a time -------------------------------------------
+//
+// Up to LANES_E experts without a group limit (Mixtral: 8, top-2), a row is
+// two vectors at most, and the row kernel spends its time on horizontal
+// steps: maxima, sums and ranks across lanes, one scalar store per value.
+// Here a vector holds one expert of four tokens instead (lane j: token
+// t + j): four rows are loaded and transposed, and the scores, the
+// selection, the values and the writes run lane-wise. Each element goes
+// through the row kernel's own float operations, in its order, so that
+// every output has the row kernel's bits:
+//   * scores: the same vexp, vsigmoidFast, vsqrtsoftplus and bias add per
+//     element; the softmax sum formed as the row kernel forms it
+//     (scoreLanes);
+//   * selection: on the selection scores as floats, which order like their
+//     keys when none is NaN (-0 and +0 compare equal, as their keys are);
+//     ties go to the lower expert (selectLanes);
+//   * values: the same sums, in selection order, and divisions; the exp of
+//     post-softmax is the scalar NativeMathf.exp, bit for bit (vexpLut).
+// NaN is what this cannot follow (keys order it below every number, and
+// the bits of a NaN result can depend on the order of operands), so the
+// kernel takes a group of four tokens only when all their logits are
+// finite, and a bias only when it is finite: then no NaN can arise (scores
+// are finite, post-softmax's exp arguments are <= 0, softmax sums are
+// >= 1). Other groups, and the last T % 4 tokens, go to the row kernel.
+
+const LANES_E: i32 = 16;
+
+// Whether the four-token kernel takes a call: small rows, no group limit,
+// no bias or a finite one.
+function lanesApply(E: i32, GK: i32, bias: usize): bool {
+  if (E > LANES_E || GK > 0) return false;
+  if (bias) {
+    for (let e = 0; e < E; e++) {
+      const b = load<f32>(bias + (<usize>e << 2));
+      if (b - b != 0) return false; // infinity or NaN: b - b is NaN
+    }
+  }
+  return true;
+}
+
+// exp(x) of AssemblyScript's NativeMathf.exp (expf_lut, after musl: x / ln2
+// = k / 32 + r / 32, 2^(k / 32) from a table, a cubic in r, all in float64,
+// rounded once to float32), 2 lanes at a time, bit for bit, for x <= 0 and
+// -inf: below -103.97 (0xc2cff1b4) the result is 0, as there. EXP2F_TAB is
+// the scalar routine's table (tab[i] = bits of 2^(i / 32) - (i << 47)).
+const EXP2F_TAB = memory.data<u64>([
+  0x3FF0000000000000, 0x3FEFD9B0D3158574, 0x3FEFB5586CF9890F, 0x3FEF9301D0125B51,
+  0x3FEF72B83C7D517B, 0x3FEF54873168B9AA, 0x3FEF387A6E756238, 0x3FEF1E9DF51FDEE1,
+  0x3FEF06FE0A31B715, 0x3FEEF1A7373AA9CB, 0x3FEEDEA64C123422, 0x3FEECE086061892D,
+  0x3FEEBFDAD5362A27, 0x3FEEB42B569D4F82, 0x3FEEAB07DD485429, 0x3FEEA47EB03A5585,
+  0x3FEEA09E667F3BCD, 0x3FEE9F75E8EC5F74, 0x3FEEA11473EB0187, 0x3FEEA589994CCE13,
+  0x3FEEACE5422AA0DB, 0x3FEEB737B0CDC5E5, 0x3FEEC49182A3F090, 0x3FEED503B23E255D,
+  0x3FEEE89F995AD3AD, 0x3FEEFF76F2FB5E47, 0x3FEF199BDD85529C, 0x3FEF3720DCEF9069,
+  0x3FEF5818DCFBA487, 0x3FEF7C97337B9B5F, 0x3FEFA4AFA2A490DA, 0x3FEFD0765B6E4540,
+]);
+// float64 pairs: 32 / ln2, the rounding shifter 1.5 * 2^52, the cubic's C0, C1, C2 (scaled by 32^-3, 32^-2, 32^-1), 1
+const VCONST_D = memory.data<f64>([
+  reinterpret<f64>(0x3FF71547652B82FE) * 32, reinterpret<f64>(0x3FF71547652B82FE) * 32,
+  reinterpret<f64>(0x4338000000000000), reinterpret<f64>(0x4338000000000000),
+  reinterpret<f64>(0x3FAC6AF84B912394) / 32 / 32 / 32, reinterpret<f64>(0x3FAC6AF84B912394) / 32 / 32 / 32,
+  reinterpret<f64>(0x3FCEBFCE50FAC4F3) / 32 / 32, reinterpret<f64>(0x3FCEBFCE50FAC4F3) / 32 / 32,
+  reinterpret<f64>(0x3FE62E42FF0C52D6) / 32, reinterpret<f64>(0x3FE62E42FF0C52D6) / 32,
+  1.0, 1.0,
+]);
+const EXP_UNDER: f32 = reinterpret<f32>(<u32>0xC2CFF1B4); // log(2^-150): below it, 0
+
+// expf_lut's float64 steps on 2 lanes (xd: x widened)
+@inline function expLutHalf(xd: v128): v128 {
+  const shift = v128.load(VCONST_D, 16);
+  const z = f64x2.mul(v128.load(VCONST_D), xd);
+  const kd = f64x2.add(z, shift);
+  const r = f64x2.sub(z, f64x2.sub(kd, shift));
+  // 2^(k / 32): table entry k % 32, plus k << 47 (k: the low bits of kd)
+  const i0 = <usize>(<i32>i64x2.extract_lane(kd, 0) & 31) << 3;
+  const i1 = <usize>(<i32>i64x2.extract_lane(kd, 1) & 31) << 3;
+  const tab = v128.load64_lane(EXP2F_TAB + i1, v128.load64_zero(EXP2F_TAB + i0), 1);
+  const s = i64x2.add(tab, i64x2.shl(kd, 47));
+  const zz = f64x2.add(f64x2.mul(v128.load(VCONST_D, 32), r), v128.load(VCONST_D, 48));
+  let y = f64x2.add(f64x2.mul(v128.load(VCONST_D, 64), r), v128.load(VCONST_D, 80));
+  y = f64x2.add(y, f64x2.mul(zz, f64x2.mul(r, r)));
+  return f64x2.mul(y, s);
+}
+
+@inline function vexpLut(x: v128): v128 {
+  const lo = f32x4.demote_f64x2_zero(expLutHalf(f64x2.promote_low_f32x4(x)));
+  const hi = f32x4.demote_f64x2_zero(expLutHalf(f64x2.promote_low_f32x4(i32x4.shuffle(x, x, 2, 3, 2, 3))));
+  return v128.andnot(i32x4.shuffle(lo, hi, 0, 1, 4, 5), f32x4.lt(x, f32x4.splat(EXP_UNDER)));
+}
+
+// 4x4 transpose: rows a, b, c, d -> columns, stored at o0 .. o3
+@inline function transpose4(a: v128, b: v128, c: v128, d: v128, o0: usize, o1: usize, o2: usize, o3: usize): void {
+  const t0 = i32x4.shuffle(a, b, 0, 4, 1, 5), t1 = i32x4.shuffle(a, b, 2, 6, 3, 7);
+  const t2 = i32x4.shuffle(c, d, 0, 4, 1, 5), t3 = i32x4.shuffle(c, d, 2, 6, 3, 7);
+  v128.store(o0, i32x4.shuffle(t0, t2, 0, 1, 4, 5));
+  v128.store(o1, i32x4.shuffle(t0, t2, 2, 3, 6, 7));
+  v128.store(o2, i32x4.shuffle(t1, t3, 0, 1, 4, 5));
+  v128.store(o3, i32x4.shuffle(t1, t3, 2, 3, 6, 7));
+}
+
+// load: four rows of E logits (row j: token t + j, float16 / bfloat16
+// widened into X4 first) into XT[E4] vectors, XT[e] = expert e of the four
+// tokens; vectors of experts >= E hold whatever follows a row and are never
+// read. Returns whether every logit is finite.
+@inline function loadLanes(src: usize, dt: i32, E: i32, X4: usize, XT: usize): bool {
+  let rows = src;
+  let stride = <usize>E << 2;
+  if (dt != DT_F32) {
+    const rowE4 = <usize>roundUp4(E) << 2;
+    for (let j = 0; j < 4; j++) widenRow(src + (<usize>(j * E) << 1), dt, E, X4 + <usize>j * rowE4);
+    rows = X4;
+    stride = rowE4;
+  }
+  let bad = f32x4.splat(0); // lanes: x - x, NaN for an infinity or a NaN
+  for (let q = 0; q < E; q += 4) {
+    const p = rows + (<usize>q << 2);
+    const a = v128.load(p), b = v128.load(p + stride), c = v128.load(p + 2 * stride), d = v128.load(p + 3 * stride);
+    const nf = f32x4.add(f32x4.add(f32x4.sub(a, a), f32x4.sub(b, b)), f32x4.add(f32x4.sub(c, c), f32x4.sub(d, d)));
+    bad = v128.or(bad, v128.and(nf, inRow(q, E)));
+    const o = XT + (<usize>q << 4);
+    transpose4(a, b, c, d, o, o + 16, o + 32, o + 48);
+  }
+  return !v128.any_true(bad);
+}
+
+// score: ST[e] = s for pre-softmax, sigmoid and sqrtsoftplus (post-softmax
+// selects on the logits themselves), and RT[e] = s + bias with a bias.
+// Pre-softmax's sum is the row kernel's: lane l of its vector sum adds
+// experts l, l + 4, l + 8, l + 12 to 0 in this order (here: s0 .. s3), then
+// (l0 + l1) + (l2 + l3). The row maximum may differ from the row kernel's
+// in the sign of a zero, which changes no x - max (x - max can differ only
+// where it is 0, and exp gives 1 for either zero).
+@inline function scoreLanes(fn: i32, pre: bool, E: i32, XT: usize, ST: usize, bias: usize, RT: usize): void {
+  if (fn == SCORE_SOFTMAX) {
+    if (!pre) return;
+    let m = v128.load(XT);
+    for (let e = 1; e < E; e++) m = f32x4.pmax(m, v128.load(XT + (<usize>e << 4)));
+    const zero = f32x4.splat(0);
+    let s0 = zero, s1 = zero, s2 = zero, s3 = zero;
+    for (let q = 0; q < E; q += 4) {
+      s0 = f32x4.add(s0, expLane(XT, ST, q, m));
+      if (q + 1 < E) s1 = f32x4.add(s1, expLane(XT, ST, q + 1, m));
+      if (q + 2 < E) s2 = f32x4.add(s2, expLane(XT, ST, q + 2, m));
+      if (q + 3 < E) s3 = f32x4.add(s3, expLane(XT, ST, q + 3, m));
+    }
+    const sum = f32x4.add(f32x4.add(s0, s1), f32x4.add(s2, s3));
+    for (let e = 0; e < E; e++) {
+      const p = ST + (<usize>e << 4);
+      v128.store(p, f32x4.div(v128.load(p), sum));
+    }
+    return;
+  }
+  for (let e = 0; e < E; e++) {
+    const o = <usize>e << 4;
+    const x = v128.load(XT + o);
+    const s = fn == SCORE_SIGMOID ? vsigmoidFast(x) : vsqrtsoftplus(x);
+    v128.store(ST + o, s);
+    if (bias) v128.store(RT + o, f32x4.add(s, f32x4.splat(load<f32>(bias + (<usize>e << 2)))));
+  }
+}
+
+// exp(x - m) of expert e into ST[e], returned
+@inline function expLane(XT: usize, ST: usize, e: i32, m: v128): v128 {
+  const o = <usize>e << 4;
+  const y = vexp(f32x4.sub(v128.load(XT + o), m));
+  v128.store(ST + o, y);
+  return y;
+}
+
+// select: the top K of the four tokens by R[e] (no NaN, no infinity),
+// lane-wise, in selection order: CV[k] the expert of rank k, BV[k] its R.
+// Rank: R descending, ties by lower expert. K = 1: one arg-max scan; K = 2:
+// a two-deep insertion scan; more: K rounds of arg-max, each after taking
+// the previous winner out (W: E4 vectors). In the scans a later expert
+// replaces the best so far only with a strictly larger score, which keeps
+// ties in index order (pmax(b, r) is exactly r > b ? r : b), and experts
+// come in increasing order, so a new index is max(old, e). BV holds the
+// bits of R at the chosen experts, but for the second of K = 2, which may
+// be an equal score of another expert: a zero of the other sign at most,
+// and only -0 logits (post-softmax) have one (scores are >= +0), where a
+// zero's sign changes no value (see valueLanes).
+@inline function selectLanes(R: usize, E: i32, K: i32, W: usize, CV: usize, BV: usize): void {
+  if (K == 1) {
+    let b = v128.load(R);
+    let c = i32x4.splat(0);
+    for (let e = 1; e < E; e++) {
+      const r = v128.load(R + (<usize>e << 4));
+      c = v128.bitselect(i32x4.splat(e), c, f32x4.gt(r, b));
+      b = f32x4.pmax(b, r);
+    }
+    v128.store(CV, c);
+    v128.store(BV, b);
+    return;
+  }
+  if (K == 2) {
+    const r0 = v128.load(R), r1 = v128.load(R, 16);
+    const one = i32x4.splat(1);
+    const g = f32x4.gt(r1, r0);
+    let b1 = f32x4.pmax(r0, r1), b2 = v128.bitselect(r0, r1, g);
+    let c1 = v128.and(g, one), c2 = v128.andnot(one, g);
+    for (let e = 2; e < E; e++) {
+      const r = v128.load(R + (<usize>e << 4));
+      const g1 = f32x4.gt(r, b1);
+      const ev = i32x4.splat(e);
+      c2 = v128.bitselect(c1, i32x4.max_s(c2, v128.and(ev, f32x4.gt(r, b2))), g1);
+      c1 = i32x4.max_s(c1, v128.and(ev, g1));
+      b2 = f32x4.pmax(b2, f32x4.pmin(b1, r));
+      b1 = f32x4.pmax(b1, r);
+    }
+    v128.store(CV, c1);
+    v128.store(CV, c2, 16);
+    v128.store(BV, b1);
+    v128.store(BV, b2, 16);
+    return;
+  }
+  // K rounds of the arg-max scan over W, a copy of R from which each round
+  // takes the previous winner out (-inf: every R is finite, so it loses to
+  // all the others)
+  let taken = i32x4.splat(-1);
+  let src = R;
+  for (let k = 0; k < K; k++) {
+    let b = NEG_INF();
+    let c = i32x4.splat(0);
+    for (let e = 0; e < E; e++) {
+      const o = <usize>e << 4;
+      const ev = i32x4.splat(e);
+      const w = v128.bitselect(NEG_INF(), v128.load(src + o), i32x4.eq(taken, ev));
+      v128.store(W + o, w);
+      c = i32x4.max_s(c, v128.and(ev, f32x4.gt(w, b)));
+      b = f32x4.pmax(b, w);
+    }
+    v128.store(CV + (<usize>k << 4), c);
+    v128.store(BV + (<usize>k << 4), b);
+    taken = c;
+    src = W;
+  }
+}
+
+// A[c] lane by lane: the bits of vector A[c_j] in lane j (c_j < E)
+@inline function gatherLanes(A: usize, E: i32, c: v128): v128 {
+  let v = i32x4.splat(0);
+  for (let e = 0; e < E; e++) v = v128.or(v, v128.and(i32x4.eq(c, i32x4.splat(e)), v128.load(A + (<usize>e << 4))));
+  return v;
+}
+
+// post-process: the values of the chosen experts, lane-wise, into BV (the
+// row kernel's steps element for element), and the intermediate at them
+// into YV. With a bias, the values are the unbiased scores, from ST.
+@inline function valueLanes(fn: i32, pre: bool, E: i32, K: i32, bias: usize, XT: usize, ST: usize, CV: usize, BV: usize, YV: usize): void {
+  if (bias) {
+    for (let k = 0; k < K; k++) {
+      const o = <usize>k << 4;
+      v128.store(BV + o, gatherLanes(ST, E, v128.load(CV + o)));
+    }
+  }
+  if (fn == SCORE_SOFTMAX && !pre) {
+    // softmax over the K chosen logits, max-subtracted. The maximum is the
+    // first chosen logit up to the sign of a zero, which changes no x - max
+    // but a zero one, whose exp is 1 either way: the first's exp is exactly 1.
+    const m = v128.load(BV);
+    let sum = ONE(); // 0 + 1
+    v128.store(BV, sum);
+    for (let k = 1; k < K; k++) {
+      const p = BV + (<usize>k << 4);
+      const v = vexpLut(f32x4.sub(v128.load(p), m));
+      v128.store(p, v);
+      sum = f32x4.add(sum, v);
+    }
+    for (let k = 0; k < K; k++) {
+      const o = <usize>k << 4;
+      const v = f32x4.div(v128.load(BV + o), sum);
+      v128.store(BV + o, v);
+      v128.store(YV + o, v);
+    }
+    return;
+  }
+  // the intermediate holds s (sqrtsoftplus: x); sigmoid and sqrtsoftplus
+  // normalise when K > 1, by the sum in selection order
+  let sum = f32x4.splat(0);
+  for (let k = 0; k < K; k++) {
+    const o = <usize>k << 4;
+    const v = v128.load(BV + o);
+    v128.store(YV + o, fn == SCORE_SQRTSOFTPLUS ? gatherLanes(XT, E, v128.load(CV + o)) : v);
+    sum = f32x4.add(sum, v);
+  }
+  if (fn != SCORE_SOFTMAX && K > 1) {
+    const d = f32x4.add(sum, EPS_V());
+    for (let k = 0; k < K; k++) {
+      const p = BV + (<usize>k << 4);
+      v128.store(p, f32x4.div(v128.load(p), d));
+    }
+  }
+}
+
+// Four rows of E floats (row j at out + j * E * 4) from the lane-wise
+// vectors A[E4]. Quads go last to first, and rows in order within a quad,
+// so that a vector reaching past a row's end (into the next row, or past
+// the fourth row into the next group's, rewritten when that group comes)
+// is overwritten by the right values.
+function storeRows(A: usize, E: i32, out: usize): void {
+  const row = <usize>E << 2;
+  for (let q = roundUp4(E) - 4; q >= 0; q -= 4) {
+    const p = A + (<usize>q << 4);
+    const o = out + (<usize>q << 2);
+    transpose4(v128.load(p), v128.load(p, 16), v128.load(p, 32), v128.load(p, 48), o, o + row, o + 2 * row, o + 3 * row);
+  }
+}
+
+// rows[j][c_j] = v_j (bits) for the four rows of n 32-bit words at rows (lane j: row j)
+@inline function scatterLanes(rows: usize, n: i32, c: v128, v: v128): void {
+  const row = <usize>n << 2;
+  store<i32>(rows + (<usize>i32x4.extract_lane(c, 0) << 2), i32x4.extract_lane(v, 0));
+  store<i32>(rows + row + (<usize>i32x4.extract_lane(c, 1) << 2), i32x4.extract_lane(v, 1));
+  store<i32>(rows + 2 * row + (<usize>i32x4.extract_lane(c, 2) << 2), i32x4.extract_lane(v, 2));
+  store<i32>(rows + 3 * row + (<usize>i32x4.extract_lane(c, 3) << 2), i32x4.extract_lane(v, 3));
+}
+
+// The [token][k] rows of K 32-bit values a token (out: 4 rows of K) from
+// the lane-wise vectors A[K] ([k][token]), times c when scaled: shuffles
+// for K <= 2, 4x4 transposes of 4 values a token, then one by one.
+@inline function tokenRows(A: usize, K: i32, out: usize, c: v128, scaled: bool): void {
+  const a0 = scaled ? f32x4.mul(v128.load(A), c) : v128.load(A);
+  if (K == 1) {
+    v128.store(out, a0);
+    return;
+  }
+  if (K == 2) {
+    const a1 = scaled ? f32x4.mul(v128.load(A, 16), c) : v128.load(A, 16);
+    v128.store(out, i32x4.shuffle(a0, a1, 0, 4, 1, 5));
+    v128.store(out, i32x4.shuffle(a0, a1, 2, 6, 3, 7), 16);
+    return;
+  }
+  const row = <usize>K << 2;
+  let k = 0;
+  for (; k + 4 <= K; k += 4) {
+    const p = A + (<usize>k << 4), o = out + (<usize>k << 2);
+    let v0 = v128.load(p), v1 = v128.load(p, 16), v2 = v128.load(p, 32), v3 = v128.load(p, 48);
+    if (scaled) {
+      v0 = f32x4.mul(v0, c);
+      v1 = f32x4.mul(v1, c);
+      v2 = f32x4.mul(v2, c);
+      v3 = f32x4.mul(v3, c);
+    }
+    transpose4(v0, v1, v2, v3, o, o + row, o + 2 * row, o + 3 * row);
+  }
+  for (; k < K; k++) {
+    const v = v128.load(A + (<usize>k << 4));
+    scatterLanes(out, K, i32x4.splat(k), scaled ? f32x4.mul(v, c) : v);
+  }
+}
+
+// write: the outputs of four tokens (pointers at the group's first token):
+// list and probs (c * value, logits dtype) in selection order (and the
+// dense probs rows when probs != 0), the routing output, the intermediate
+// rows, and the intermediate at the chosen experts in ascending expert
+// order (yasc). Lane-wise results go from [k][token] to the outputs'
+// [token][k] by shuffles (float32, K <= 2) or lane by lane.
+@inline function writeLanes(
+  fn: i32, pre: bool, dt: i32, E: i32, K: i32, scale: f32, fmt: i32,
+  XT: usize, ST: usize, W: usize, CV: usize, BV: usize, YV: usize,
+  vals: usize, list: usize, yasc: usize, inter: usize, route: usize, routeB: usize, probs: usize,
+): void {
+  if (dt == DT_F32) {
+    const c = f32x4.splat(scale);
+    tokenRows(CV, K, list, c, false);
+    if (probs) {
+      // dense probs instead of vals (nothing reads those then): the four
+      // rows are 4 * E floats, E vectors
+      for (let i = 0; i < E; i++) v128.store(probs + (<usize>i << 4), f32x4.splat(0));
+      for (let k = 0; k < K; k++) {
+        const o = <usize>k << 4;
+        scatterLanes(probs, E, v128.load(CV + o), f32x4.mul(v128.load(BV + o), c));
+      }
+    } else {
+      tokenRows(BV, K, vals, c, true);
+    }
+  } else {
+    for (let j = 0; j < 4; j++) {
+      for (let k = 0; k < K; k++) {
+        const o = (<usize>k << 4) + (<usize>j << 2);
+        const at = j * K + k;
+        store<i32>(list + (<usize>at << 2), load<i32>(CV + o));
+        storeAs(vals, at, dt, load<f32>(BV + o) * scale);
+      }
+    }
+    if (probs) scatterRows(list, vals, 4, E, K, dt, probs);
+  }
+  // route: int32 indices are the list (4 * K of them: K vectors; the host may pass the list itself)
+  if (fmt == ROUTE_I32) {
+    if (route != list) for (let k = 0; k < K; k++) v128.store(route + (<usize>k << 4), v128.load(list + (<usize>k << 4)));
+  } else {
+    for (let j = 0; j < 4; j++) writeRoute(fmt, E, K, list + (<usize>(j * K) << 2), route + <usize>j * routeB);
+  }
+  // intermediate: post-softmax -inf but at the chosen experts (the four
+  // rows are 4 * E floats: E vectors); else s (sqrtsoftplus: x)
+  if (fn == SCORE_SOFTMAX && !pre) {
+    for (let i = 0; i < E; i++) v128.store(inter + (<usize>i << 4), NEG_INF());
+    for (let k = 0; k < K; k++) {
+      const o = <usize>k << 4;
+      scatterLanes(inter, E, v128.load(CV + o), v128.load(BV + o));
+    }
+  } else {
+    storeRows(fn == SCORE_SQRTSOFTPLUS ? XT : ST, E, inter);
+  }
+  // yasc: the intermediate at the chosen experts, lower expert first
+  if (K == 1) {
+    v128.store(yasc, v128.load(YV));
+  } else if (K == 2) {
+    const c0 = v128.load(CV), c1 = v128.load(CV, 16);
+    const y0 = v128.load(YV), y1 = v128.load(YV, 16);
+    const lo = i32x4.lt_s(c0, c1);
+    const a = v128.bitselect(y0, y1, lo), b = v128.bitselect(y1, y0, lo);
+    v128.store(yasc, i32x4.shuffle(a, b, 0, 4, 1, 5));
+    v128.store(yasc, i32x4.shuffle(a, b, 2, 6, 3, 7), 16);
+  } else {
+    // each chosen expert's place: how many chosen experts are below it
+    for (let k = 0; k < K; k++) {
+      const ck = v128.load(CV + (<usize>k << 4));
+      let n = i32x4.splat(0);
+      for (let h = 0; h < K; h++) n = i32x4.sub(n, i32x4.lt_s(v128.load(CV + (<usize>h << 4)), ck));
+      v128.store(W + (<usize>k << 4), n);
+    }
+    for (let j = 0; j < 4; j++) {
+      for (let k = 0; k < K; k++) {
+        const o = (<usize>k << 4) + (<usize>j << 2);
+        store<f32>(yasc + (<usize>(j * K + load<i32>(W + o)) << 2), load<f32>(YV + o));
+      }
+    }
+  }
+}
+
+// The four-token kernel (see above); topkForward's arguments. Scratch, in
+// vectors (16 bytes): XT, ST, RT, W: E4 each (logits, scores, selection
+// scores, work vectors of select and write), CV, BV, YV: K each (chosen
+// experts, their values, their intermediate), then X4: 4 rows of E4
+// floats. At most 80 * E4 + 48 * K <= 2048 bytes: within scratchBytes(E,
+// K, G) for E <= 16 (1616 + 32 * K4 and more).
+function forwardLanes(
+  logits: usize, dt: i32, T: i32, E: i32, K: i32,
+  fn: i32, pre: bool, G: i32, GK: i32, scale: f32, bias: usize,
+  fmt: i32, radixThreshold: i32,
+  vals: usize, list: usize, yasc: usize, inter: usize, route: usize, scratch: usize, probs: usize,
+): i32 {
+  const vecs = <usize>roundUp4(E) << 4;
+  const XT = scratch;
+  const ST = XT + vecs;
+  const RT = ST + vecs;
+  const W = RT + vecs;
+  const CV = W + vecs;
+  const BV = CV + (<usize>K << 4);
+  const YV = BV + (<usize>K << 4);
+  const X4 = YV + (<usize>K << 4);
+  const inB = <usize>dtBytes(dt);
+  const routeB = <usize>routeRowBytes(fmt, E, K);
+  // selection scores: the logits (post-softmax), s + bias, or s
+  const R = fn == SCORE_SOFTMAX && !pre ? XT : bias ? RT : ST;
+  let t = 0;
+  let taken = 0;
+  for (; t + 4 <= T; t += 4) {
+    const tE = <usize>t * <usize>E;
+    const tK = <usize>t * <usize>K;
+    const src = logits + tE * inB;
+    const vrow = vals + tK * inB, lrow = list + (tK << 2), yrow = yasc + (tK << 2);
+    const irow = inter + (tE << 2), rrow = route + <usize>t * routeB;
+    const prow = probs ? probs + tE * inB : 0;
+    if (!loadLanes(src, dt, E, X4, XT)) {
+      // a logit that is not finite: these four tokens take the row kernel
+      forwardRows(src, dt, 4, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vrow, lrow, yrow, irow, rrow, scratch);
+      if (probs) scatterRows(lrow, vrow, 4, E, K, dt, prow);
+      continue;
+    }
+    scoreLanes(fn, pre, E, XT, ST, bias, RT);
+    selectLanes(R, E, K, W, CV, BV);
+    valueLanes(fn, pre, E, K, bias, XT, ST, CV, BV, YV);
+    writeLanes(fn, pre, dt, E, K, scale, fmt, XT, ST, W, CV, BV, YV, vrow, lrow, yrow, irow, rrow, routeB, prow);
+    taken += 4;
+  }
+  if (t < T) {
+    const tE = <usize>t * <usize>E;
+    const tK = <usize>t * <usize>K;
+    forwardRows(
+      logits + tE * inB, dt, T - t, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold,
+      vals + tK * inB, list + (tK << 2), yasc + (tK << 2), inter + (tE << 2), route + <usize>t * routeB, scratch,
+    );
+    if (probs) scatterRows(list + (tK << 2), vals + tK * inB, T - t, E, K, dt, probs + tE * inB);
+  }
+  return taken;
+}
+
 // The K expert ids at src (i32) in ascending order, into dst: insertion sort
 // for small K, else a byte mask of E (MASK: E16 bytes) scanned 16 at a time.
 function ascending(src: usize, K: i32, E: i32, MASK: usize, dst: usize): void {
@@ -1503,6 +2076,13 @@ function maskToList(MASK: usize, n: i32, K: i32, dst: usize): i32 {
     }
   }
   return c;
+}
+
+// Dense index k of a routing row (int16, int32 or int64), as i32
+@inline function readId(fmt: i32, row: usize, k: i32): i32 {
+  if (fmt == ROUTE_I16) return <i32>load<i16>(row + (<usize>k << 1));
+  if (fmt == ROUTE_I32) return load<i32>(row + (<usize>k << 2));
+  return <i32>load<i64>(row + (<usize>k << 3));
 }
 
 /**
@@ -1548,15 +2128,27 @@ export function routeList(fmt: i32, T: i32, E: i32, K: i32, route: usize, list: 
           bits &= bits - 1;
         }
       }
+    } else if (K <= 2) {
+      // one or two ids: ordered by min / max, not by the sort's loop, whose
+      // branch would go either way at random (ids outside [0, E) dropped)
+      const a = readId(fmt, row, 0);
+      const x = <u32>a < <u32>E ? a : -1;
+      if (K == 1) {
+        store<i32>(dst, x);
+      } else {
+        const b = readId(fmt, row, 1);
+        const y = <u32>b < <u32>E ? b : -1;
+        const both = x >= 0 && y >= 0;
+        store<i32>(dst, both ? min(x, y) : max(x, y));
+        store<i32>(dst, both ? max(x, y) : -1, 4);
+      }
+      c = K;
     } else {
       // dense ids -> i32 (ids outside [0, E) are dropped), then ascending
       const ids = scratch + <usize>E16;
       let n = 0;
       for (let k = 0; k < K; k++) {
-        let e: i32;
-        if (fmt == ROUTE_I16) e = <i32>load<i16>(row + (<usize>k << 1));
-        else if (fmt == ROUTE_I32) e = load<i32>(row + (<usize>k << 2));
-        else e = <i32>load<i64>(row + (<usize>k << 3));
+        const e = readId(fmt, row, k);
         if (e >= 0 && e < E) {
           store<i32>(ids + (<usize>n << 2), e);
           n++;

@@ -47,8 +47,16 @@ export interface Backend {
   auxScoresBackward(plan: AuxScoresPlan, payload: unknown, grad: Tensor<"float32">): Promise<FloatTensor["data"]>;
   auxLossForward(plan: AuxLossPlan, probs: FloatTensor): Promise<FloatTensor["data"]>;
   auxLossBackward(plan: AuxLossPlan, gradLoss: number): Promise<FloatTensor["data"]>;
+  /** Takes back what a host payload holds once its saved state is released or collected (optional). */
+  recycle?(payload: unknown): void;
   dispose(): void;
 }
+
+// A collected saved state hands its payload to its onRelease (a state that
+// was released has already done so and is unregistered).
+const collected = new FinalizationRegistry<{ payload: unknown; onRelease: (payload: unknown) => void }>((held) =>
+  held.onRelease(held.payload)
+);
 
 /** Which forward a saved state came from. */
 export type SavedOp = "topk" | "auxScores" | "auxLoss";
@@ -79,6 +87,7 @@ export class Saved<P> implements SavedState {
   ) {
     this.#payload = payload;
     this.#onRelease = onRelease;
+    if (onRelease !== undefined) collected.register(this, { payload, onRelease }, this);
   }
 
   get released(): boolean {
@@ -90,7 +99,10 @@ export class Saved<P> implements SavedState {
     this.#released = true;
     const p = this.#payload;
     this.#payload = undefined;
-    this.#onRelease?.(p);
+    if (this.#onRelease !== undefined) {
+      collected.unregister(this);
+      this.#onRelease(p);
+    }
   }
 
   /** The payload, after checking the state fits the backward asking for it. */

@@ -152,7 +152,12 @@ export interface SavedState {
    * returns a GpuTensor (see {@linkcode GpuSavedState}).
    */
   readonly gpuResident?: boolean;
-  /** Frees what the state holds; idempotent. */
+  /**
+   * Frees what the state holds; idempotent. On the WebAssembly backend the
+   * state's buffers then serve later forwards (a state that is only dropped
+   * gives them back when the garbage collector gets to it): releasing after
+   * the last backward saves a forward the cost of new arrays.
+   */
   release(): void;
 }
 

@@ -378,7 +378,7 @@ class BoundRouter implements Router, GpuResidentOps {
     const result: TopkResult = {
       probs: { data: probs, shape: [...plan.shape], dtype: plan.dtype },
       intermediate: { data: intermediate, shape: [...plan.shape], dtype: "float32" },
-      saved: new Saved<TopkPlan>(b.name, "topk", plan, out.payload),
+      saved: new Saved<TopkPlan>(b.name, "topk", plan, out.payload, false, recycler(b)),
     };
     if (plan.route === "bytemap" || plan.route === "bitmap_u8") {
       const last = plan.route === "bytemap" ? plan.E : Math.ceil(plan.E / 8);
@@ -458,7 +458,7 @@ class BoundRouter implements Router, GpuResidentOps {
       scores: { data: out.scores, shape: [...plan.shape], dtype: "float32" },
       routingMap: { data: out.route, shape: mapShape, dtype: "uint8" },
       intermediate: { data: out.intermediate, shape: [...plan.shape], dtype: "float32" },
-      saved: new Saved<AuxScoresPlan>(b.name, "auxScores", plan, out.payload),
+      saved: new Saved<AuxScoresPlan>(b.name, "auxScores", plan, out.payload, false, recycler(b)),
     };
   }
 
@@ -547,6 +547,11 @@ class BoundRouter implements Router, GpuResidentOps {
       : await b.auxLossBackward(plan as AuxLossPlan, g);
     return { data, shape: [...plan.shape], dtype: plan.dtype };
   }
+}
+
+// what gives a host payload's buffers back to its backend, where the backend reuses them
+function recycler(b: Backend): ((payload: unknown) => void) | undefined {
+  return b.recycle === undefined ? undefined : (payload) => b.recycle!(payload);
 }
 
 // the backend a saved state names (Saved.take checks the rest)

@@ -183,6 +183,42 @@ Deno.test("interleaved forward and backward of different batches on wasm, caller
   }
 });
 
+Deno.test("wasm: a released saved state's buffers go to later forwards only after its pending backward", async () => {
+  const router = await createRouter({ backend: "wasm", threads: 1 });
+  try {
+    const T = 64, E = 32;
+    const options: TopkOptions = { topk: 4, scoreFunction: "sigmoid", indexDtype: "int32" };
+    const batch = (seed: number): FloatTensor => ({
+      data: normals(mulberry32(seed), T * E),
+      shape: [T, E],
+      dtype: "float32",
+    });
+    const grad: FloatTensor = { data: normals(mulberry32(9), T * E), shape: [T, E], dtype: "float32" };
+    // the gradients each state must give, from states nobody releases
+    const expected = [];
+    for (const seed of [1, 2, 3]) {
+      const f = await router.fusedTopkWithScoreFunction(batch(seed), options);
+      expected.push((await router.fusedTopkWithScoreFunctionBackward(f.saved, grad)).data);
+    }
+    // a state released right after its backward is called (not awaited), with
+    // same-sized forwards queued before and after that backward: they must not
+    // get its buffers while the backward has yet to read them
+    const a = await router.fusedTopkWithScoreFunction(batch(1), options);
+    const b = router.fusedTopkWithScoreFunction(batch(2), options);
+    const ga = router.fusedTopkWithScoreFunctionBackward(a.saved, grad);
+    a.saved.release();
+    const c = router.fusedTopkWithScoreFunction(batch(3), options);
+    assertBitIdentical((await ga).data, expected[0]!, "the released state's pending backward");
+    const [fb, fc] = await Promise.all([b, c]);
+    fb.saved.release(); // its buffers now serve c's successors, not c
+    await router.fusedTopkWithScoreFunction(batch(1), options);
+    assertBitIdentical((await router.fusedTopkWithScoreFunctionBackward(fc.saved, grad)).data, expected[2]!, "c");
+    await assert.rejects(() => router.fusedTopkWithScoreFunctionBackward(fb.saved, grad), /released/);
+  } finally {
+    router.dispose();
+  }
+});
+
 Deno.test("wasm: dispose() while calls are in flight settles every call and refuses later ones", async (t) => {
   await t.step("one thread", async () => disposeInFlight(await createRouter({ backend: "wasm", threads: 1 }), false));
   await t.step(

@@ -154,6 +154,50 @@ interface TopkPayload {
   full: Float32Array | null;
 }
 
+/**
+ * Buffers of saved states, taken back when a state is released or collected
+ * and handed to later forwards of the same byte size. A new buffer pays its
+ * page faults on first touch: on the CI VM, whose balloon driver returns freed
+ * pages to the host, a new 256 KiB array costs 0.8 ms to fill, a reused one
+ * nothing; a DeepSeek-V3 forward saves two of them.
+ */
+class SavedBuffers {
+  #free = new Map<number, ArrayBuffer[]>();
+  #bytes = 0;
+  constructor(readonly maxBytes: number) {}
+
+  take(bytes: number): ArrayBuffer {
+    const b = this.#free.get(bytes)?.pop();
+    if (b === undefined) return new ArrayBuffer(bytes);
+    this.#bytes -= bytes;
+    return b;
+  }
+
+  give(b: ArrayBuffer): void {
+    if (b.byteLength === 0 || this.#bytes + b.byteLength > this.maxBytes) return;
+    const list = this.#free.get(b.byteLength);
+    if (list === undefined) this.#free.set(b.byteLength, [b]);
+    else list.push(b);
+    this.#bytes += b.byteLength;
+  }
+
+  clear(): void {
+    this.#free.clear();
+    this.#bytes = 0;
+  }
+}
+
+/** Bytes of saved-state buffers a backend keeps for reuse. */
+const SAVED_BUFFER_BYTES = 64 << 20;
+
+// a copy of `src` in a buffer of the pool
+function pooledCopy<A extends Uint8Array | IndexArray | Float32Array>(pool: SavedBuffers, src: A): A {
+  const C = src.constructor as new (b: ArrayBuffer) => A;
+  const dst = new C(pool.take(src.byteLength));
+  (dst as Float32Array).set(src as Float32Array);
+  return dst;
+}
+
 /** Runs the router kernels in WebAssembly on host arrays. */
 export class WasmBackend implements Backend {
   readonly name = "wasm" as const;
@@ -214,6 +258,29 @@ export class WasmBackend implements Backend {
   dispose(): void {
     this.#pool?.close();
     this.#pool = null;
+    this.#saved.clear();
+    this.#disposed = true;
+  }
+
+  #disposed = false;
+
+  #saved = new SavedBuffers(SAVED_BUFFER_BYTES);
+
+  /**
+   * Takes back the buffers of a payload whose saved state was released or
+   * collected: queued behind the calls already made, so that a backward still
+   * reading them finishes first.
+   */
+  recycle(payload: unknown): void {
+    const buffers = payload instanceof Float32Array
+      ? [payload]
+      : typeof payload === "object" && payload !== null && "yasc" in payload
+      ? [(payload as TopkPayload).route, (payload as TopkPayload).yasc, (payload as TopkPayload).full]
+      : [];
+    void this.#serial(() => {
+      if (this.#disposed) return;
+      for (const a of buffers) if (a !== null) this.#saved.give(a.buffer as ArrayBuffer);
+    });
   }
 
   // Runs calls one at a time: they share the memory layout, and a threaded
@@ -397,7 +464,7 @@ export class WasmBackend implements Backend {
     const probsBits = rawBits(probs);
     const intermediate = plan.intermediateOut ?? new Float32Array(T * E);
     const routeOut: Uint8Array | IndexArray = plan.indicesOut ?? plan.routingMapOut ?? newRoute(route, T, E, K);
-    const yasc = new Float32Array(T * K);
+    const yasc = new Float32Array(this.#saved.take(T * K * 4));
     if (plan.bias) {
       this.#bytes().fill(0, bias, bias + 4 * align16(E));
       this.#put(bias, plan.bias, 0, E);
@@ -461,9 +528,9 @@ export class WasmBackend implements Backend {
       }
     }
     const payload: TopkPayload = {
-      route: routeOut.slice(),
+      route: pooledCopy(this.#saved, routeOut),
       yasc,
-      full: plan.score === "softmax" && plan.pre ? intermediate.slice() : null,
+      full: plan.score === "softmax" && plan.pre ? pooledCopy(this.#saved, intermediate) : null,
     };
     return { probs, intermediate, route: routeOut, payload };
   }
@@ -646,7 +713,7 @@ export class WasmBackend implements Backend {
         this.#get(routeP, routeOut, t0 * rB, m * rB);
       }
       // the saved copy lets callers edit the returned intermediate
-      return { scores, intermediate, route: routeOut, payload: intermediate.slice() };
+      return { scores, intermediate, route: routeOut, payload: pooledCopy(this.#saved, intermediate) };
     });
   }
 

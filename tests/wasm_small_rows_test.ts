@@ -11,7 +11,9 @@
  * bias, group limits, scaling, dtype, layout and caller buffers, with data
  * made to hit ties, signed zeros, extremes and non-finite logits (whose
  * groups of four go to the row kernel). And the backward's list of chosen
- * experts, ordered without a sort for one or two ids.
+ * experts, ordered without a sort for one or two ids; and the small-row
+ * backward kernel against the host's gather and scatter on saved states
+ * drawn at random bit for bit (NaN payloads, ids out of range, short rows).
  *
  * @module
  */
@@ -289,4 +291,133 @@ Deno.test("the backward's list of chosen experts orders one or two dense ids lik
     }
   }
   assert.ok(rows > 2000);
+});
+
+// ---- the small-row backward kernel (topkBackwardLanes) --------------------------------
+
+/** Random bits of a float: mostly ordinary values, else zeros, subnormals, infinities and NaNs with payloads. */
+function floatBits(rng: Rng): number {
+  const r = rng();
+  if (r < 0.7) {
+    FLOAT[0] = 3 * normal(rng);
+    return BITS[0]!;
+  }
+  if (r < 0.8) return pick(rng, [0, 0x80000000, 0x3f800000, 0x00000001, 0x807fffff, 0x00800000]);
+  if (r < 0.9) return pick(rng, [0x7f800000, 0xff800000, 0x7f7fffff, 0xff7fffff]);
+  return pick(rng, [...SPECIAL_BITS, 0x7fa00000, 0xffffffff, 0x7f800abc]) as number;
+}
+
+/** gradProbs of a dtype as raw random bits (float16 and bfloat16 from the bits' high and low halves). */
+function gradBits(rng: Rng, dtype: FloatDType, n: number): FloatTensor["data"] {
+  if (dtype === "float32") return new Float32Array(Uint32Array.from({ length: n }, () => floatBits(rng)).buffer);
+  const half = Uint16Array.from({ length: n }, () => {
+    const b = floatBits(rng);
+    return rng() < 0.5 ? b >>> 16 : b & 0xffff;
+  });
+  return dtype === "float16" ? new Float16Array(half.buffer) : half;
+}
+
+/** A saved routing output of every format: T rows of the chosen ids (any count, any values for dense ids). */
+function routeOf(out: RoutingMapFormat | IndexDType, rows: number[][], E: number, K: number): ArrayBufferView {
+  const T = rows.length;
+  if (out === "bytemap" || out === "bitmap_u8") {
+    const w = out === "bytemap" ? E : Math.ceil(E / 8);
+    const m = new Uint8Array(T * w);
+    rows.forEach((ids, t) =>
+      ids.forEach((e) => {
+        if (out === "bytemap") m[t * w + e] = 1;
+        else m[t * w + (e >> 3)]! |= 1 << (e & 7);
+      })
+    );
+    return m;
+  }
+  const flat = rows.flatMap((ids) => ids.slice(0, K));
+  if (out === "int16") return Int16Array.from(flat);
+  if (out === "int32") return Int32Array.from(flat);
+  return BigInt64Array.from(flat, (v) => BigInt(v));
+}
+
+Deno.test("the small-row backward kernel gives the bits of the host's gather and scatter: every format, dtype, score function, odd T, NaN payloads", async () => {
+  const lanes = await WasmBackend.create({ threads: 1 });
+  const rows = await WasmBackend.create({ threads: 1, lanes: false });
+  const rng = mulberry32(20251129);
+  const RUNS = 4000;
+  let tokens = 0;
+  try {
+    for (let i = 0; i < RUNS; i++) {
+      const E = 1 + Math.floor(rng() * 16);
+      const K = 1 + Math.floor(rng() * E);
+      const T = 1 + Math.floor(rng() * 42);
+      const score = pick(rng, ["softmax", "sigmoid", "sqrtsoftplus"] as const);
+      const dtype = pick(rng, DTYPES);
+      const out = pick(rng, OUTPUTS);
+      const options: TopkOptions = { topk: K, scoreFunction: score };
+      if (out === "bytemap" || out === "bitmap_u8") options.routingMapFormat = out;
+      else options.indexDtype = out;
+      if (rng() < 0.5) options.scalingFactor = pick(rng, [2.5, 0.1, 1.2, -3]);
+      const grad = { data: gradBits(rng, dtype, T * E), shape: [T, E], dtype } as FloatTensor;
+      const plan = planTopk(grad, options);
+      // chosen ids: usually K distinct experts in any order; at times fewer (rows padded with -1), and for
+      // dense ids some outside [0, E) or repeated
+      const odd = rng() < 0.2;
+      const chosen = Array.from({ length: T }, () => {
+        const ids = Array.from({ length: E }, (_, e) => e).sort(() => rng() - 0.5).slice(0, K);
+        if (!odd) return ids;
+        if (out === "bytemap" || out === "bitmap_u8") return ids.slice(0, Math.floor(rng() * (K + 1)));
+        return ids.map((e) => rng() < 0.3 ? pick(rng, [-1, -32768, E, E + 7, 1 << 20, ids[0]!]) : e);
+      });
+      const payload = {
+        route: routeOf(out, chosen, E, K),
+        yasc: new Float32Array(Uint32Array.from({ length: T * K }, () => floatBits(rng)).buffer),
+        full: null,
+      };
+      const label = `T=${T} E=${E} K=${K} ${score} ${dtype} ${out}${odd ? " odd ids" : ""} scale ${plan.scale}`;
+      const a = await lanes.topkBackward(plan, payload, grad);
+      const b = await rows.topkBackward(plan, payload, grad);
+      assertBitIdentical(a, b, `${label}: gradient`);
+      // a caller buffer holding garbage is written over, every element
+      const buf = narrowTo(new Float32Array(T * E).fill(NaN), dtype) as FloatTensor["data"];
+      assertBitIdentical(await lanes.topkBackward(plan, payload, grad, buf), b, `${label}: gradient into a buffer`);
+      tokens += T;
+    }
+    assert.ok(tokens > RUNS * 15, `${tokens} tokens`);
+  } finally {
+    lanes.dispose();
+    rows.dispose();
+  }
+});
+
+Deno.test("the small-row backward kernel gives the same gradient whatever the routing format", async () => {
+  const b = await WasmBackend.create({ threads: 1 });
+  const rng = mulberry32(11);
+  try {
+    for (let i = 0; i < 500; i++) {
+      const E = 1 + Math.floor(rng() * 16);
+      const K = 1 + Math.floor(rng() * E);
+      const T = 1 + Math.floor(rng() * 23);
+      const dtype = pick(rng, DTYPES);
+      const score = pick(rng, ["softmax", "sigmoid", "sqrtsoftplus"] as const);
+      const grad = { data: gradBits(rng, dtype, T * E), shape: [T, E], dtype } as FloatTensor;
+      const chosen = Array.from(
+        { length: T },
+        () => Array.from({ length: E }, (_, e) => e).sort(() => rng() - 0.5).slice(0, K),
+      );
+      const yasc = new Float32Array(Uint32Array.from({ length: T * K }, () => floatBits(rng)).buffer);
+      let first: FloatTensor["data"] | null = null;
+      for (const out of OUTPUTS) {
+        const options: TopkOptions = { topk: K, scoreFunction: score };
+        if (out === "bytemap" || out === "bitmap_u8") options.routingMapFormat = out;
+        else options.indexDtype = out;
+        const g = await b.topkBackward(
+          planTopk(grad, options),
+          { route: routeOf(out, chosen, E, K), yasc, full: null },
+          grad,
+        );
+        if (first === null) first = g;
+        else assertBitIdentical(g, first, `T=${T} E=${E} K=${K} ${score} ${dtype}: ${out} against bytemap`);
+      }
+    }
+  } finally {
+    b.dispose();
+  }
 });

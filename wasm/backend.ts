@@ -12,7 +12,8 @@
 // copying dense rows out of the module; but for rows of a few vectors
 // (DENSE_ROWS_E), which cross the module's boundary dense (the forward's
 // probs, the backward's gradProbs and gradLogits): whole rows copied cost
-// less than K values a token gathered or scattered here.
+// less than K values a token gathered or scattered here. (Their backward
+// runs in one kernel, topkBackwardLanes: ids, gather, arithmetic, scatter.)
 import { type AuxScoresForwardOut, type Backend, newAuxScoresArrays, type TopkForwardOut } from "../_backend.ts";
 import { type AuxLossPlan, type AuxScoresPlan, type RouteFormat, routeRowBytes, type TopkPlan } from "../_validate.ts";
 import type { FloatDType, FloatTensor, IndexArray, RoutingMapFormat, Tensor } from "../_types.ts";
@@ -31,8 +32,8 @@ interface Kernels {
   topkForward: Fn;
   routeList: Fn;
   scatterRows: Fn;
-  gatherRows: Fn;
   topkBackwardSparse: Fn;
+  topkBackwardLanes: Fn;
   topkBackward: Fn;
   auxScoresForward: Fn;
   auxScoresBackward: Fn;
@@ -51,9 +52,11 @@ export const DEFAULT_CHUNK_BYTES = 16 << 20;
 /**
  * Up to this many experts, the top-k forward's probs and the sparse backward's gradProbs and gradLogits cross the
  * module's boundary as dense rows, gathered and scattered by the kernels (Mixtral, 8192 x 8 top-2: the forward
- * 1.16x faster than with the scatter here).
+ * 1.16x faster than with the scatter here; the backward, in one kernel, 2x faster than in four passes).
  */
 export const DENSE_ROWS_E = 16;
+/** Scratch bytes of topkBackwardLanes: 64 K + 4 K4 + E16 + 4 K, at most 1168 (K <= E <= 16). */
+const LANES_BACKWARD_SCRATCH = 1280;
 /** Below this many token x expert elements a call stays on one thread (a worker round trip costs ~0.2 ms). */
 export const MIN_PARALLEL_ELEMENTS = 1 << 18;
 /**
@@ -138,8 +141,9 @@ export interface WasmBackendOptions {
   threads?: number;
   /**
    * Whether the top-k forward may run small rows (E <= 16, no group limit) four tokens at a time, and give their
-   * probs as dense rows (default true). A test hook: false keeps every token on the row kernel and every probs
-   * scatter here, which gives the same bits.
+   * probs as dense rows, and the top-k backward of small rows run in one four-token kernel on dense rows (default
+   * true). A test hook: false keeps every token on the row kernel and every probs and gradient gather and scatter
+   * here, which gives the same bits.
    */
   lanes?: boolean;
 }
@@ -549,21 +553,22 @@ export class WasmBackend implements Backend {
 
   // Every expert but pre-softmax's: read the chosen experts back from the
   // routing output (any format), gather gradProbs there, run the compact
-  // kernel, scatter into zeroed rows.
-  async #topkBackwardSparse(
+  // kernel, scatter into zeroed rows; for small rows, all of it in one
+  // kernel on dense rows.
+  #topkBackwardSparse(
     plan: TopkPlan,
     saved: TopkPayload,
     grad: FloatTensor,
     outBuf: FloatTensor["data"] | null,
-  ): Promise<FloatTensor["data"]> {
+  ): FloatTensor["data"] {
     const { T, E, K, dtype, route } = plan;
+    if (this.#lanes && E <= DENSE_ROWS_E) return this.#topkBackwardLanes(plan, saved, grad, outBuf);
     const inB = BYTES_OF[dtype];
     const rB = routeRowBytes(route, E, K);
-    const dense = this.#lanes && E <= DENSE_ROWS_E;
-    const out = (dense ? outBuf : outBuf?.fill(0)) ?? newFloat(dtype, T * E);
+    const out = outBuf?.fill(0) ?? newFloat(dtype, T * E);
     const outBits = rawBits(out);
     const gradBits = rawBits(grad.data);
-    const n = this.#chunk(T, rB + K * (2 * inB + 16) + (dense ? 2 * E * inB : 0));
+    const n = this.#chunk(T, rB + K * (2 * inB + 16));
     const k = this.#k;
     const L = new Layout(k.heapBase());
     const listScratch = L.take(align16(E) + 4 * K);
@@ -572,10 +577,8 @@ export class WasmBackend implements Backend {
     const gvP = L.take(n * K * inB);
     const yvP = L.take(n * K * 4);
     const outP = L.take(n * K * inB);
-    const aP = this.#scratch(L, n * K * 4); // per thread: vectors spill past the end
-    const daP = this.#scratch(L, n * K * 4);
-    const gradP = dense ? L.take(n * E * inB) : 0;
-    const rowsP = dense ? L.take(n * E * inB) : 0;
+    const aP = L.take(n * K * 4);
+    const daP = L.take(n * K * 4);
     this.#ensure(L.end, "fusedTopkWithScoreFunctionBackward");
     const routeElems = isMap(route) ? rB : K;
     for (let t0 = 0; t0 < T; t0 += n) {
@@ -584,40 +587,19 @@ export class WasmBackend implements Backend {
       k.routeList(ROUTE[route], m, E, K, routeP, listP, listScratch);
       this.#put(yvP, saved.yasc, t0 * K, m * K);
       const list = new Int32Array(k.memory.buffer, listP, m * K);
-      if (dense) {
-        this.#put(gradP, grad.data, t0 * E, m * E);
-        k.gatherRows(gradP, m, E, K, DT[dtype], listP, gvP);
-      } else {
-        const gv = this.#bits(dtype, gvP, m * K);
-        for (let t = 0; t < m; t++) {
-          const row = (t0 + t) * E;
-          for (let c = t * K, end = c + K; c < end; c++) {
-            const e = list[c] as number;
-            gv[c] = e < 0 ? 0 : gradBits[row + e] as number;
-          }
+      const gv = this.#bits(dtype, gvP, m * K);
+      for (let t = 0; t < m; t++) {
+        const row = (t0 + t) * E;
+        for (let c = t * K, end = c + K; c < end; c++) {
+          const e = list[c] as number;
+          gv[c] = e < 0 ? 0 : gradBits[row + e] as number;
         }
       }
       // on this thread only: the compact kernel is a small part of the call
       // (the gather and scatter around it run here anyway), and workers made
       // it slower (bench:compare, 2 cores: DSv3 2.67 ms against 2.49 on one
       // thread, Qwen3 1.60 against 1.42)
-      await this.#exec("topkBackwardSparse", [[0, m]], (a, rows, j) => [
-        DT[dtype],
-        rows,
-        K,
-        SCORE[plan.score],
-        plan.scale,
-        gvP + a * K * inB,
-        yvP + a * K * 4,
-        outP + a * K * inB,
-        aP[j] as number,
-        daP[j] as number,
-      ]);
-      if (dense) {
-        k.scatterRows(listP, outP, m, E, K, DT[dtype], rowsP);
-        this.#get(rowsP, out, t0 * E, m * E);
-        continue;
-      }
+      k.topkBackwardSparse(DT[dtype], m, K, SCORE[plan.score], plan.scale, gvP, yvP, outP, aP, daP);
       const ov = this.#bits(dtype, outP, m * K);
       for (let t = 0; t < m; t++) {
         const row = (t0 + t) * E;
@@ -626,6 +608,53 @@ export class WasmBackend implements Backend {
           if (e >= 0) outBits[row + e] = ov[c] as number;
         }
       }
+    }
+    return out;
+  }
+
+  // Small rows (E <= DENSE_ROWS_E): gradProbs, the routing output and the
+  // saved intermediate in, dense gradLogits rows out, one kernel between
+  // (topkBackwardLanes), on this thread.
+  #topkBackwardLanes(
+    plan: TopkPlan,
+    saved: TopkPayload,
+    grad: FloatTensor,
+    outBuf: FloatTensor["data"] | null,
+  ): FloatTensor["data"] {
+    const { T, E, K, dtype, route } = plan;
+    const inB = BYTES_OF[dtype];
+    const rB = routeRowBytes(route, E, K);
+    const out = outBuf ?? newFloat(dtype, T * E);
+    const n = this.#chunk(T, rB + 4 * K + 2 * E * inB);
+    const k = this.#k;
+    const L = new Layout(k.heapBase());
+    const scratch = L.take(LANES_BACKWARD_SCRATCH);
+    const routeP = L.take(n * rB);
+    const yvP = L.take(n * K * 4);
+    const gradP = L.take(n * E * inB);
+    const outP = L.take(n * E * inB);
+    this.#ensure(L.end, "fusedTopkWithScoreFunctionBackward");
+    const routeElems = isMap(route) ? rB : K;
+    for (let t0 = 0; t0 < T; t0 += n) {
+      const m = Math.min(n, T - t0);
+      this.#put(routeP, saved.route, t0 * routeElems, m * routeElems);
+      this.#put(yvP, saved.yasc, t0 * K, m * K);
+      this.#put(gradP, grad.data, t0 * E, m * E);
+      k.topkBackwardLanes(
+        gradP,
+        DT[dtype],
+        m,
+        E,
+        K,
+        SCORE[plan.score],
+        plan.scale,
+        ROUTE[route],
+        routeP,
+        yvP,
+        outP,
+        scratch,
+      );
+      this.#get(outP, out, t0 * E, m * E);
     }
     return out;
   }

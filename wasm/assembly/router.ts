@@ -1307,22 +1307,6 @@ export function scatterRows(list: usize, vals: usize, T: i32, E: i32, K: i32, dt
   }
 }
 
-/**
- * The compact rows' counterpart of scatterRows: vals[t, k] = rows[t,
- * list[t, k]] (bits, logits dtype; 0 where the id is < 0).
- */
-export function gatherRows(rows: usize, T: i32, E: i32, K: i32, dt: i32, list: usize, vals: usize): void {
-  const inB = <usize>dtBytes(dt);
-  for (let t = 0; t < T; t++) {
-    const row = rows + <usize>t * <usize>E * inB;
-    for (let c = t * K, end = c + K; c < end; c++) {
-      const e = load<i32>(list + (<usize>c << 2));
-      if (dt == DT_F32) store<u32>(vals + (<usize>c << 2), e < 0 ? 0 : load<u32>(row + (<usize>e << 2)));
-      else store<u16>(vals + (<usize>c << 1), e < 0 ? 0 : load<u16>(row + (<usize>e << 1)));
-    }
-  }
-}
-
 // Zeroes n bytes (n even), whole vectors first; no store reaches past the end.
 function zeroBytes(p: usize, n: usize): void {
   const z = f32x4.splat(0);
@@ -2093,72 +2077,73 @@ function maskToList(MASK: usize, n: i32, K: i32, dst: usize): i32 {
  */
 export function routeList(fmt: i32, T: i32, E: i32, K: i32, route: usize, list: usize, scratch: usize): void {
   const routeB = <usize>routeRowBytes(fmt, E, K);
-  const E16 = roundUp16(E);
-  for (let t = 0; t < T; t++) {
-    const row = route + <usize>t * routeB;
-    const dst = list + ((<usize>t * <usize>K) << 2);
-    let c = 0;
-    if (fmt == ROUTE_BYTEMAP) {
-      // whole vectors of 16 bytes, then the row's tail
-      let i = 0;
-      for (; i + 16 <= E && c < K; i += 16) {
-        let hits = i8x16.bitmask(i8x16.ne(v128.load(row + <usize>i), i8x16.splat(0)));
-        while (hits && c < K) {
-          store<i32>(dst + (<usize>c << 2), i + ctz(hits));
-          c++;
-          hits &= hits - 1;
-        }
+  for (let t = 0; t < T; t++) routeRowList(fmt, E, K, route + <usize>t * routeB, list + ((<usize>t * <usize>K) << 2), scratch);
+}
+
+// One routing row's chosen experts, ascending, -1 after them, into dst (K
+// i32): routeList's row (scratch: E16 + 4 K bytes).
+function routeRowList(fmt: i32, E: i32, K: i32, row: usize, dst: usize, scratch: usize): void {
+  let c = 0;
+  if (fmt == ROUTE_BYTEMAP) {
+    // whole vectors of 16 bytes, then the row's tail
+    let i = 0;
+    for (; i + 16 <= E && c < K; i += 16) {
+      let hits = i8x16.bitmask(i8x16.ne(v128.load(row + <usize>i), i8x16.splat(0)));
+      while (hits && c < K) {
+        store<i32>(dst + (<usize>c << 2), i + ctz(hits));
+        c++;
+        hits &= hits - 1;
       }
-      for (; i < E && c < K; i++) {
-        if (load<u8>(row + <usize>i)) {
-          store<i32>(dst + (<usize>c << 2), i);
-          c++;
-        }
-      }
-    } else if (fmt == ROUTE_BITMAP) {
-      const nb = (E + 7) >> 3;
-      for (let b = 0; b < nb && c < K; b++) {
-        let bits = <i32>load<u8>(row + <usize>b);
-        while (bits && c < K) {
-          const e = (b << 3) + ctz(bits);
-          if (e < E) {
-            store<i32>(dst + (<usize>c << 2), e);
-            c++;
-          }
-          bits &= bits - 1;
-        }
-      }
-    } else if (K <= 2) {
-      // one or two ids: ordered by min / max, not by the sort's loop, whose
-      // branch would go either way at random (ids outside [0, E) dropped)
-      const a = readId(fmt, row, 0);
-      const x = <u32>a < <u32>E ? a : -1;
-      if (K == 1) {
-        store<i32>(dst, x);
-      } else {
-        const b = readId(fmt, row, 1);
-        const y = <u32>b < <u32>E ? b : -1;
-        const both = x >= 0 && y >= 0;
-        store<i32>(dst, both ? min(x, y) : max(x, y));
-        store<i32>(dst, both ? max(x, y) : -1, 4);
-      }
-      c = K;
-    } else {
-      // dense ids -> i32 (ids outside [0, E) are dropped), then ascending
-      const ids = scratch + <usize>E16;
-      let n = 0;
-      for (let k = 0; k < K; k++) {
-        const e = readId(fmt, row, k);
-        if (e >= 0 && e < E) {
-          store<i32>(ids + (<usize>n << 2), e);
-          n++;
-        }
-      }
-      ascending(ids, n, E, scratch, dst);
-      c = n;
     }
-    for (; c < K; c++) store<i32>(dst + (<usize>c << 2), -1);
+    for (; i < E && c < K; i++) {
+      if (load<u8>(row + <usize>i)) {
+        store<i32>(dst + (<usize>c << 2), i);
+        c++;
+      }
+    }
+  } else if (fmt == ROUTE_BITMAP) {
+    const nb = (E + 7) >> 3;
+    for (let b = 0; b < nb && c < K; b++) {
+      let bits = <i32>load<u8>(row + <usize>b);
+      while (bits && c < K) {
+        const e = (b << 3) + ctz(bits);
+        if (e < E) {
+          store<i32>(dst + (<usize>c << 2), e);
+          c++;
+        }
+        bits &= bits - 1;
+      }
+    }
+  } else if (K <= 2) {
+    // one or two ids: ordered by min / max, not by the sort's loop, whose
+    // branch would go either way at random (ids outside [0, E) dropped)
+    const a = readId(fmt, row, 0);
+    const x = <u32>a < <u32>E ? a : -1;
+    if (K == 1) {
+      store<i32>(dst, x);
+    } else {
+      const b = readId(fmt, row, 1);
+      const y = <u32>b < <u32>E ? b : -1;
+      const both = x >= 0 && y >= 0;
+      store<i32>(dst, both ? min(x, y) : max(x, y));
+      store<i32>(dst, both ? max(x, y) : -1, 4);
+    }
+    c = K;
+  } else {
+    // dense ids -> i32 (ids outside [0, E) are dropped), then ascending
+    const ids = scratch + <usize>roundUp16(E);
+    let n = 0;
+    for (let k = 0; k < K; k++) {
+      const e = readId(fmt, row, k);
+      if (e >= 0 && e < E) {
+        store<i32>(ids + (<usize>n << 2), e);
+        n++;
+      }
+    }
+    ascending(ids, n, E, scratch, dst);
+    c = n;
   }
+  for (; c < K; c++) store<i32>(dst + (<usize>c << 2), -1);
 }
 
 /**
@@ -2216,6 +2201,201 @@ export function topkBackwardSparse(
       storeAs(outv, b, dt, loadAs(gv, b, dt) * scale * load<f32>(DA + (<usize>b << 2)));
     }
   }
+}
+
+// ---- top-k router backward: small rows, four tokens at a time ---------------------
+//
+// Up to LANES_E experts, the sparse backward's steps run in one pass over
+// the dense rows, four tokens per vector (lane j: token t + j; vector k:
+// each token's k-th chosen expert, ascending): the chosen experts from the
+// routing output (routeRowList's; one or two dense ids lane-wise), the
+// saved intermediate there, gradProbs gathered there, topkBackwardSparse's
+// arithmetic, and gradLogits scattered into zeroed rows. Each lane goes
+// through topkBackwardSparse's float operations for its token, operands in
+// the same order (sums over k from 0 in k order, the same vector routines
+// for the activations, the same conversions), so every bit is the same,
+// NaN payloads included: scalar and vector float instructions pick a NaN
+// operand alike.
+
+/**
+ * The sparse backward (topkBackwardSparse, every score function but
+ * pre-softmax) of E <= LANES_E experts on dense rows: grad (gradProbs,
+ * logits dtype), the routing output (any format) and yasc (the saved
+ * intermediate at the chosen experts, T x K f32, ascending expert order)
+ * -> out (gradLogits, logits dtype, every row written). Scratch: 64 K + 4
+ * K4 + E16 + 4 K bytes (vectors IDS, YV, GV, DA: K each; one token's list,
+ * K4 i32; routeRowList's scratch).
+ */
+export function topkBackwardLanes(
+  grad: usize, dt: i32, T: i32, E: i32, K: i32, fn: i32, scale: f32,
+  fmt: i32, route: usize, yasc: usize, out: usize, scratch: usize,
+): void {
+  const K16 = <usize>K << 4;
+  const IDS = scratch;
+  const YV = IDS + K16;
+  const GV = YV + K16;
+  const DA = GV + K16;
+  const ROW = DA + K16;
+  const RS = ROW + (<usize>roundUp4(K) << 2);
+  const inB = <usize>dtBytes(dt);
+  const rowB = <usize>E * inB;
+  const routeB = <usize>routeRowBytes(fmt, E, K);
+  const c = f32x4.splat(scale);
+  const zero = f32x4.splat(0);
+  const quick = K <= 2 && (fmt == ROUTE_I16 || fmt == ROUTE_I32 || fmt == ROUTE_I64);
+  for (let t = 0; t < T; t += 4) {
+    const n = min(4, T - t);
+    const g0 = grad + <usize>t * rowB;
+    const o0 = out + <usize>t * rowB;
+    const yrow = yasc + ((<usize>t * <usize>K) << 2);
+    // load: the chosen experts and the intermediate there; missing tokens
+    // (past T) get none (-1)
+    if (quick && n == 4) {
+      quickIds(fmt, E, K, route + <usize>t * routeB, yrow, IDS, YV);
+    } else {
+      for (let j = 0; j < 4; j++) {
+        if (j < n) routeRowList(fmt, E, K, route + <usize>(t + j) * routeB, ROW, RS);
+        for (let k = 0; k < K; k++) {
+          const at = (<usize>k << 4) + (<usize>j << 2);
+          store<i32>(IDS + at, j < n ? load<i32>(ROW + (<usize>k << 2)) : -1);
+          store<u32>(YV + at, j < n ? load<u32>(yrow + (<usize>(j * K + k) << 2)) : 0);
+        }
+      }
+    }
+    // gradProbs at the chosen experts (0 for none), widened
+    for (let k = 0; k < K; k++) {
+      const o = <usize>k << 4;
+      v128.store(GV + o, gatherAt(g0, rowB, v128.load(IDS + o), dt));
+    }
+    // backward of the compact rows, into GV
+    if (fn == SCORE_SOFTMAX) {
+      // post-softmax: g_i = y_i * (g_i - sum(g * y)) over the chosen
+      let d = zero;
+      for (let k = 0; k < K; k++) {
+        const o = <usize>k << 4;
+        d = f32x4.add(d, f32x4.mul(f32x4.mul(v128.load(GV + o), c), v128.load(YV + o)));
+      }
+      for (let k = 0; k < K; k++) {
+        const o = <usize>k << 4;
+        v128.store(GV + o, f32x4.mul(v128.load(YV + o), f32x4.sub(f32x4.mul(v128.load(GV + o), c), d)));
+      }
+    } else {
+      // activations a and their derivatives (one vector routine for both
+      // branches: the module stays smaller)
+      let sa = zero;
+      let ga = zero;
+      for (let k = 0; k < K; k++) {
+        const o = <usize>k << 4;
+        const y = v128.load(YV + o);
+        const a = fn == SCORE_SIGMOID ? y : vsqrtsoftplus(y);
+        v128.store(DA + o, activationDerivative(fn, y, a));
+        sa = f32x4.add(sa, a);
+        ga = f32x4.add(ga, f32x4.mul(f32x4.mul(v128.load(GV + o), c), a));
+      }
+      if (K > 1) {
+        // normalisation backward: g_i = g_i / S - D / S^2, S = sum(a) + eps, D = sum(g * a)
+        const S = f32x4.add(sa, EPS_V());
+        const D = f32x4.div(ga, f32x4.mul(S, S));
+        for (let k = 0; k < K; k++) {
+          const o = <usize>k << 4;
+          const g = f32x4.sub(f32x4.div(f32x4.mul(v128.load(GV + o), c), S), D);
+          v128.store(GV + o, f32x4.mul(g, v128.load(DA + o)));
+        }
+      } else {
+        v128.store(GV, f32x4.mul(f32x4.mul(v128.load(GV), c), v128.load(DA)));
+      }
+    }
+    // write: zeroed rows, then each token's K gradients at its experts, in k order
+    zeroBytes(o0, <usize>n * rowB);
+    for (let k = 0; k < K; k++) {
+      const o = <usize>k << 4;
+      scatterAt(o0, rowB, v128.load(IDS + o), v128.load(GV + o), dt);
+    }
+  }
+}
+
+// routeRowList's one or two dense ids (int16, int32 or int64) of four
+// tokens at rows, lane-wise, into IDS (K vectors), and their saved
+// intermediate at yrow into YV (K vectors): ids outside [0, E) become -1
+// (int64 ids as their low 32 bits, as readId takes them); two valid ids go
+// min first, one valid id first, -1 after it.
+@inline function quickIds(fmt: i32, E: i32, K: i32, rows: usize, yrow: usize, IDS: usize, YV: usize): void {
+  let a = i32x4.splat(0);
+  let b = a;
+  if (fmt == ROUTE_I32) {
+    const v0 = v128.load(rows);
+    if (K == 1) {
+      a = v0;
+    } else {
+      const v1 = v128.load(rows, 16);
+      a = i32x4.shuffle(v0, v1, 0, 2, 4, 6);
+      b = i32x4.shuffle(v0, v1, 1, 3, 5, 7);
+    }
+  } else if (fmt == ROUTE_I16) {
+    if (K == 1) {
+      a = i32x4.extend_low_i16x8_s(v128.load64_zero(rows));
+    } else {
+      const v = v128.load(rows);
+      const w = i16x8.shuffle(v, v, 0, 2, 4, 6, 1, 3, 5, 7);
+      a = i32x4.extend_low_i16x8_s(w);
+      b = i32x4.extend_high_i16x8_s(w);
+    }
+  } else {
+    const v0 = v128.load(rows);
+    const v1 = v128.load(rows, 16);
+    if (K == 1) {
+      a = i32x4.shuffle(v0, v1, 0, 2, 4, 6);
+    } else {
+      // low words: [t0 a, t1 a, t0 b, t1 b] and the same of tokens 2, 3
+      const p = i32x4.shuffle(v0, v1, 0, 4, 2, 6);
+      const q = i32x4.shuffle(v128.load(rows, 32), v128.load(rows, 48), 0, 4, 2, 6);
+      a = i32x4.shuffle(p, q, 0, 1, 4, 5);
+      b = i32x4.shuffle(p, q, 2, 3, 6, 7);
+    }
+  }
+  const none = i32x4.splat(-1);
+  const vE = i32x4.splat(E);
+  const x = v128.bitselect(a, none, i32x4.lt_u(a, vE));
+  const y0 = v128.load(yrow);
+  if (K == 1) {
+    v128.store(IDS, x);
+    v128.store(YV, y0);
+    return;
+  }
+  const y = v128.bitselect(b, none, i32x4.lt_u(b, vE));
+  const both = v128.and(i32x4.ge_s(x, i32x4.splat(0)), i32x4.ge_s(y, i32x4.splat(0)));
+  v128.store(IDS, v128.bitselect(i32x4.min_s(x, y), i32x4.max_s(x, y), both));
+  v128.store(IDS, v128.bitselect(i32x4.max_s(x, y), none, both), 16);
+  const y1 = v128.load(yrow, 16);
+  v128.store(YV, i32x4.shuffle(y0, y1, 0, 2, 4, 6));
+  v128.store(YV, i32x4.shuffle(y0, y1, 1, 3, 5, 7), 16);
+}
+
+// Row e of each of four rows (row j at g0 + j * rowB; logits dtype, widened
+// as loadAs does), e from the lanes of ids; 0 where e < 0.
+@inline function gatherAt(g0: usize, rowB: usize, ids: v128, dt: i32): v128 {
+  let v = f32x4.splat(0);
+  v = f32x4.replace_lane(v, 0, gatherOne(g0, i32x4.extract_lane(ids, 0), dt));
+  v = f32x4.replace_lane(v, 1, gatherOne(g0 + rowB, i32x4.extract_lane(ids, 1), dt));
+  v = f32x4.replace_lane(v, 2, gatherOne(g0 + 2 * rowB, i32x4.extract_lane(ids, 2), dt));
+  return f32x4.replace_lane(v, 3, gatherOne(g0 + 3 * rowB, i32x4.extract_lane(ids, 3), dt));
+}
+
+@inline function gatherOne(row: usize, e: i32, dt: i32): f32 {
+  return e < 0 ? 0 : loadAs(row, e, dt);
+}
+
+// gatherAt's counterpart: lane j of v stored (narrowed as storeAs does)
+// at element e of row j, e from the lanes of ids; nothing where e < 0.
+@inline function scatterAt(o0: usize, rowB: usize, ids: v128, v: v128, dt: i32): void {
+  scatterOne(o0, i32x4.extract_lane(ids, 0), f32x4.extract_lane(v, 0), dt);
+  scatterOne(o0 + rowB, i32x4.extract_lane(ids, 1), f32x4.extract_lane(v, 1), dt);
+  scatterOne(o0 + 2 * rowB, i32x4.extract_lane(ids, 2), f32x4.extract_lane(v, 2), dt);
+  scatterOne(o0 + 3 * rowB, i32x4.extract_lane(ids, 3), f32x4.extract_lane(v, 3), dt);
+}
+
+@inline function scatterOne(row: usize, e: i32, x: f32, dt: i32): void {
+  if (e >= 0) storeAs(row, e, dt, x);
 }
 
 // ---- top-k router backward -------------------------------------------------------

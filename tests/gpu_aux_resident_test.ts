@@ -19,6 +19,7 @@ import type {
 import { assertArrayEqual, assertBitIdentical, assertClose } from "./_assert.ts";
 import { CROSS_TOLERANCE, mulberry32, routableTensor } from "./_generators.ts";
 import { narrowTo } from "./reference.ts";
+import { countedDevice } from "./_gpu.ts";
 
 const hasGpu = (await navigator.gpu?.requestAdapter()) != null;
 
@@ -354,27 +355,6 @@ Deno.test({
     }
   },
 });
-
-/** A device whose buffers are counted: created, and alive (created minus destroyed). */
-async function countedDevice() {
-  const adapter = (await navigator.gpu.requestAdapter())!;
-  const device = await adapter.requestDevice();
-  const live = new Set<GPUBuffer>();
-  const counts = { created: 0 };
-  const createBuffer = device.createBuffer.bind(device);
-  device.createBuffer = (descriptor: GPUBufferDescriptor) => {
-    const buffer = createBuffer(descriptor);
-    counts.created++;
-    live.add(buffer);
-    const destroy = buffer.destroy.bind(buffer);
-    buffer.destroy = () => {
-      live.delete(buffer);
-      destroy();
-    };
-    return buffer;
-  };
-  return { device, live, counts };
-}
 
 Deno.test({
   name: "GPU-resident aux calls refuse bad arguments before any GPU work, and leak no buffer",

@@ -14,6 +14,7 @@ import { createRouter } from "../mod.ts";
 import type { FloatTensor, Router, Tensor, TopkOptions } from "../mod.ts";
 import { WasmBackend } from "../wasm/backend.ts";
 import { mulberry32, normals } from "./_generators.ts";
+import { countedDevice } from "./_gpu.ts";
 
 function envCount(name: string, fallback: number): number {
   try {
@@ -86,27 +87,6 @@ Deno.test(`${WASM_CALLS} wasm forward+backward calls keep linear memory and RSS 
     router.dispose();
   }
 });
-
-/** A device of the default adapter whose buffers are counted: created, destroyed, alive. */
-async function countedDevice() {
-  const adapter = (await navigator.gpu.requestAdapter())!;
-  const device = await adapter.requestDevice();
-  const live = new Set<GPUBuffer>();
-  const counts = { created: 0, destroyed: 0 };
-  const createBuffer = device.createBuffer.bind(device);
-  device.createBuffer = (descriptor: GPUBufferDescriptor) => {
-    const buffer = createBuffer(descriptor);
-    counts.created++;
-    live.add(buffer);
-    const destroy = buffer.destroy.bind(buffer);
-    buffer.destroy = () => {
-      if (live.delete(buffer)) counts.destroyed++;
-      destroy();
-    };
-    return buffer;
-  };
-  return { device, live, counts };
-}
 
 Deno.test({
   name: `${GPU_CALLS} webgpu forward+backward calls keep the GPU buffers alive flat, and dispose() frees them`,

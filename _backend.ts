@@ -52,12 +52,6 @@ export interface Backend {
   dispose(): void;
 }
 
-// A collected saved state hands its payload to its onRelease (a state that
-// was released has already done so and is unregistered).
-const collected = new FinalizationRegistry<{ payload: unknown; onRelease: (payload: unknown) => void }>((held) =>
-  held.onRelease(held.payload)
-);
-
 /** Which forward a saved state came from. */
 export type SavedOp = "topk" | "auxScores" | "auxLoss";
 
@@ -85,9 +79,12 @@ export class Saved<P> implements SavedState {
     readonly gpuResident: boolean = false,
     onRelease?: (payload: unknown) => void,
   ) {
+    // Only release() hands the payload back: a state the garbage collector
+    // takes just frees its arrays (a FinalizationRegistry would hold every
+    // payload until its cleanup task runs, which a loop of awaited calls
+    // never yields to, so memory grew without bound).
     this.#payload = payload;
     this.#onRelease = onRelease;
-    if (onRelease !== undefined) collected.register(this, { payload, onRelease }, this);
   }
 
   get released(): boolean {
@@ -99,10 +96,7 @@ export class Saved<P> implements SavedState {
     this.#released = true;
     const p = this.#payload;
     this.#payload = undefined;
-    if (this.#onRelease !== undefined) {
-      collected.unregister(this);
-      this.#onRelease(p);
-    }
+    this.#onRelease?.(p);
   }
 
   /** The payload, after checking the state fits the backward asking for it. */

@@ -713,9 +713,8 @@ export class WebGpuBackend implements Backend {
       this.#pool.release(logitsBuf, probsBuf, interBuf, routeBuf);
     }
     if (bias?.pooled) this.#pool.release(bias.buffer);
-    // the saved state keeps its own copy of dense indices: callers often reuse their buffer
-    const saved = route === "bytemap" || route === "bitmap_u8" ? routeOut : routeOut.slice();
-    const payload: HostPayload = { intermediate, route: saved };
+    // the saved state keeps its own copies: callers may edit or reuse every array they get
+    const payload: HostPayload = { intermediate: intermediate.slice(), route: routeOut.slice() };
     return { probs, intermediate, route: routeOut, payload };
   }
 

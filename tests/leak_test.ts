@@ -88,6 +88,33 @@ Deno.test(`${WASM_CALLS} wasm forward+backward calls keep linear memory and RSS 
   }
 });
 
+Deno.test("saved states dropped without release() in a loop that never yields to the event loop are freed", async () => {
+  // Pre-softmax states hold a whole T x E intermediate. Dropped states used
+  // to reach the buffer pool through a FinalizationRegistry, whose cleanup
+  // only runs between tasks: a loop of awaited one-thread calls never got
+  // there, and every state's buffers stayed (3,000 calls: about 200 MiB).
+  const router = await createRouter({ backend: "wasm", threads: 1 });
+  const rng = mulberry32(5);
+  const T = 64;
+  const E = 256;
+  const logits: FloatTensor = { data: normals(rng, T * E), shape: [T, E], dtype: "float32" };
+  const grad: FloatTensor = { data: normals(rng, T * E), shape: [T, E], dtype: "float32" };
+  const options: TopkOptions = { topk: 4, scoreFunction: "softmax", usePreSoftmax: true };
+  try {
+    const call = async () => {
+      const r = await router.fusedTopkWithScoreFunction(logits, options);
+      await router.fusedTopkWithScoreFunctionBackward(r.saved, grad);
+    };
+    for (let i = 0; i < 100; i++) await call();
+    const external = Deno.memoryUsage().external;
+    for (let i = 0; i < 3000; i++) await call();
+    const grown = Deno.memoryUsage().external - external;
+    assert.ok(grown < RSS_BOUND, `external memory grew by ${MiB(grown)}, bound ${MiB(RSS_BOUND)}`);
+  } finally {
+    router.dispose();
+  }
+});
+
 Deno.test({
   name: `${GPU_CALLS} webgpu forward+backward calls keep the GPU buffers alive flat, and dispose() frees them`,
   ignore: !hasGpu,

@@ -393,7 +393,7 @@ export class WasmBackend implements Backend {
     const k4 = Math.ceil(K / 4) * 16;
     const g4 = Math.ceil(G / 4) * 16;
     const tops = Math.ceil(Math.max(G, 1) / 4) * 128; // lane lists of the fused pass
-    const bytes = 4 * (r16 * 4) + Math.max(1024, r16) + 3 * k4 + 3 * g4 + 5 * k4 + 64 + tops + 144;
+    const bytes = 4 * (r16 * 4) + Math.max(1024, r16) + 3 * k4 + 3 * g4 + 5 * k4 + 64 + tops + 272;
     // the kernels address one token's scratch with 32-bit offsets
     if (bytes > MAX_TOKEN_SCRATCH) {
       throw new RangeError(

@@ -60,7 +60,7 @@ const KEY_NAN: u32 = 1;
 // top-k forward: X [E16] f32 widened logits | S [E16] f32 scores | KEY [E16]
 // u32 | HIST: radix histogram or block maxima | CHOSEN [2 K4] | VAL [K4] f32 |
 // GROUP [3 G4] | TOPV (lane lists) | CAND [E16] candidates | TOPS (the fused
-// pass's lane lists, 2 vectors per group) | COMP [16] i64 composites.
+// pass's lane lists, 2 vectors per group) | COMP [32] i64 composites.
 // The dense backward reuses the first rows as G, Y, M and A.
 
 /** Bytes of scratch one token needs; the host reserves this once per call. */
@@ -69,7 +69,7 @@ export function scratchBytes(E: i32, K: i32, G: i32): i32 {
   const k4 = roundUp4(K) << 2; // CHOSEN (2x), VAL
   const g4 = roundUp4(G) << 2; // GROUP (2x)
   const tops = roundUp4(max(G, 1)) << 5; // lane lists of the fused pass
-  return 4 * row + max(RADIX_BINS << 2, roundUp16(E)) + 3 * k4 + 3 * g4 + 5 * k4 + 64 + tops + 144;
+  return 4 * row + max(RADIX_BINS << 2, roundUp16(E)) + 3 * k4 + 3 * g4 + 5 * k4 + 64 + tops + 272;
 }
 
 /** First free byte of linear memory: the host lays out its regions above it. */
@@ -560,7 +560,7 @@ function rankCandidates(KEY: usize, CAND: usize, c: i32, K: i32, COMP: usize, CH
     if (v < nv) a0 = i64x2.add(a0, i64x2.gt_s(v128.load(COMP + (<usize>v << 4)), cj));
     const acc = i64x2.add(a0, a1);
     const rank = -<i32>(i64x2.extract_lane(acc, 0) + i64x2.extract_lane(acc, 1));
-    if (rank < K) store<i32>(CHOSEN + (<usize>rank << 2), load<i32>(CAND + (<usize>j << 2)));
+    store<i32>(CHOSEN + (<usize>min(rank, K) << 2), load<i32>(CAND + (<usize>j << 2)));
   }
 }
 
@@ -1041,44 +1041,74 @@ function rankGroups(G: i32, GK: i32, per: i32, TOPS: usize, GKEY: usize, GBOUND:
   return v128.xor(k, v128.or(v128.not(i32x4.shr_s(k, 31)), SIGN_BIT()));
 }
 
+// Byte shuffles that move the lanes of a 4-bit mask (bit j: lane j) to the
+// front of a vector, in lane order: the branch-free compaction of collectAbove.
+const COMPACT = memory.data<u8>([
+  0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 0000
+  0x00, 0x01, 0x02, 0x03, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 1000
+  0x04, 0x05, 0x06, 0x07, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 0100
+  0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 1100
+  0x08, 0x09, 0x0a, 0x0b, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 0010
+  0x00, 0x01, 0x02, 0x03, 0x08, 0x09, 0x0a, 0x0b, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 1010
+  0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 0110
+  0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x80, 0x80, 0x80, 0x80, // 1110
+  0x0c, 0x0d, 0x0e, 0x0f, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 0001
+  0x00, 0x01, 0x02, 0x03, 0x0c, 0x0d, 0x0e, 0x0f, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 1001
+  0x04, 0x05, 0x06, 0x07, 0x0c, 0x0d, 0x0e, 0x0f, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 0101
+  0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x0c, 0x0d, 0x0e, 0x0f, 0x80, 0x80, 0x80, 0x80, // 1101
+  0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 0011
+  0x00, 0x01, 0x02, 0x03, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, 0x80, 0x80, 0x80, 0x80, // 1011
+  0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, 0x80, 0x80, 0x80, 0x80, // 0111
+  0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, // 1111
+]);
+
 // Appends to CAND, in index order, the experts of [from, to) (multiples of
-// 4) whose key is >= T0; returns the new count.
+// 4) whose key is >= T0; returns the new count. Each vector's hits are
+// compacted by a byte shuffle and stored whole (up to 3 lanes past the new
+// count are scratch), so no branch depends on the keys.
 @inline function collectAbove(KEY: usize, from: i32, to: i32, T0: u32, CAND: usize, n: i32): i32 {
   const t = i32x4.splat(T0);
-  let i = from;
-  // 16 keys a round: the 4 vectors' masks narrowed to one 16-bit mask (bit j: expert i + j)
-  for (; i + 16 <= to; i += 16) {
-    const p = KEY + (<usize>i << 2);
-    const v0 = v128.load(p), v1 = v128.load(p, 16), v2 = v128.load(p, 32), v3 = v128.load(p, 48);
-    const m01 = i16x8.narrow_i32x4_s(i32x4.eq(i32x4.max_u(v0, t), v0), i32x4.eq(i32x4.max_u(v1, t), v1));
-    const m23 = i16x8.narrow_i32x4_s(i32x4.eq(i32x4.max_u(v2, t), v2), i32x4.eq(i32x4.max_u(v3, t), v3));
-    let hits = i8x16.bitmask(i8x16.narrow_i16x8_s(m01, m23));
-    while (hits) {
-      store<i32>(CAND + (<usize>n << 2), i + ctz(hits));
-      n++;
-      hits &= hits - 1;
-    }
-  }
-  for (; i < to; i += 4) {
+  const step = i32x4.splat(4);
+  let ids = i32x4.add(i32x4.splat(from), IOTA());
+  for (let i = from; i < to; i += 4) {
     const v = v128.load(KEY + (<usize>i << 2));
     // keys >= T0: max_u(v, t) == v
-    let hits = i32x4.bitmask(i32x4.eq(i32x4.max_u(v, t), v));
-    while (hits) {
-      store<i32>(CAND + (<usize>n << 2), i + ctz(hits));
-      n++;
-      hits &= hits - 1;
-    }
+    const hits = i32x4.bitmask(i32x4.eq(i32x4.max_u(v, t), v));
+    v128.store(CAND + (<usize>n << 2), i8x16.swizzle(ids, v128.load(COMPACT + (<usize>hits << 4))));
+    n += <i32>popcnt(hits);
+    ids = i32x4.add(ids, step);
   }
   return n;
 }
 
 // The best K of the n candidates (experts listed in CAND, n >= K) into
-// CHOSEN, best first (key descending, ties by lower index). Up to 16
+// CHOSEN, best first (key descending, ties by lower index). Up to 32
 // candidates: each one's rank is counted on 64-bit composites (key high,
-// 0x7fffffff - index low: one signed compare orders both), 8 or 16 at a
-// time; beyond 16 (many equal keys) the ordered insertion of insertTop.
-// COMP: 16 i64.
+// 0x7fffffff - index low: one signed compare orders both), 8, 16 or 32 at
+// a time, and the candidate stored at slot min(rank, K) (slot K is scratch:
+// no branch on the rank); beyond 32 (many equal keys) the ordered insertion
+// of insertTop. COMP: 32 i64; CHOSEN: K + 1 words.
 function orderCandidates(KEY: usize, CAND: usize, n: i32, K: i32, COMP: usize, CHOSEN: usize): void {
+  if (n > 16 && n <= 32) {
+    for (let j = 0; j < n; j++) {
+      const i = load<i32>(CAND + (<usize>j << 2));
+      const k = load<u32>(KEY + (<usize>i << 2));
+      store<i64>(COMP + (<usize>j << 3), (<i64><i32>(k ^ 0x80000000) << 32) | <i64>(0x7fffffff - i));
+    }
+    for (let j = n; j < 32; j++) store<i64>(COMP + (<usize>j << 3), i64.MIN_VALUE);
+    for (let j = 0; j < n; j++) {
+      const cj = i64x2.splat(load<i64>(COMP + (<usize>j << 3)));
+      let a0 = i64x2.gt_s(v128.load(COMP), cj), a1 = i64x2.gt_s(v128.load(COMP, 16), cj);
+      for (let q: usize = 32; q < 256; q += 32) {
+        a0 = i64x2.add(a0, i64x2.gt_s(v128.load(COMP + q), cj));
+        a1 = i64x2.add(a1, i64x2.gt_s(v128.load(COMP + q, 16), cj));
+      }
+      const acc = i64x2.add(a0, a1);
+      const rank = -<i32>(i64x2.extract_lane(acc, 0) + i64x2.extract_lane(acc, 1));
+      store<i32>(CHOSEN + (<usize>min(rank, K) << 2), load<i32>(CAND + (<usize>j << 2)));
+    }
+    return;
+  }
   if (n > 16) {
     const CK = CHOSEN + (<usize>roundUp4(K) << 2);
     for (let j = 0; j < K; j++) store<u32>(CK + (<usize>j << 2), KEY_OUT);
@@ -1105,7 +1135,7 @@ function orderCandidates(KEY: usize, CAND: usize, n: i32, K: i32, COMP: usize, C
         i64x2.add(i64x2.gt_s(c2, cj), i64x2.gt_s(c3, cj)),
       );
       const rank = -<i32>(i64x2.extract_lane(acc, 0) + i64x2.extract_lane(acc, 1));
-      if (rank < K) store<i32>(CHOSEN + (<usize>rank << 2), load<i32>(CAND + (<usize>j << 2)));
+      store<i32>(CHOSEN + (<usize>min(rank, K) << 2), load<i32>(CAND + (<usize>j << 2)));
     }
     return;
   }
@@ -1117,7 +1147,7 @@ function orderCandidates(KEY: usize, CAND: usize, n: i32, K: i32, COMP: usize, C
       i64x2.add(i64x2.add(i64x2.gt_s(c4, cj), i64x2.gt_s(c5, cj)), i64x2.add(i64x2.gt_s(c6, cj), i64x2.gt_s(c7, cj))),
     );
     const rank = -<i32>(i64x2.extract_lane(acc, 0) + i64x2.extract_lane(acc, 1));
-    if (rank < K) store<i32>(CHOSEN + (<usize>rank << 2), load<i32>(CAND + (<usize>j << 2)));
+    store<i32>(CHOSEN + (<usize>min(rank, K) << 2), load<i32>(CAND + (<usize>j << 2)));
   }
 }
 
@@ -1143,9 +1173,17 @@ function selectFastTops(
     const GBOUND = GROUP + (<usize>G4 << 2);
     const GKEEP = GBOUND + (<usize>G4 << 2);
     const T0 = rankGroups(G, GK, K / GK, TOPS, GROUP, GBOUND, GKEEP);
+    // the kept groups listed in index order (a store per group, the count
+    // advanced by its flag), then visited: GK of them, a loop whose branch
+    // does not depend on the keys
     const size = E / G;
+    let m = 0;
     for (let g = 0; g < G; g++) {
-      if (load<i32>(GKEEP + (<usize>g << 2)) == 0) continue;
+      store<i32>(GBOUND + (<usize>m << 2), g);
+      m -= load<i32>(GKEEP + (<usize>g << 2)); // -1 when kept
+    }
+    for (let j = 0; j < GK; j++) {
+      const g = load<i32>(GBOUND + (<usize>j << 2));
       n = collectAbove(KEY, g * size, (g + 1) * size, T0, CAND, n);
     }
   }
@@ -1343,7 +1381,7 @@ function forwardRows(
   const TOPV = GROUP + (<usize>(3 * roundUp4(G)) << 2); // K / GK vectors, then K / GK keys
   const CAND = TOPV + (<usize>(5 * roundUp4(K)) << 2); // E16 words
   const TOPS = CAND + rowF + 64; // lane lists of the fused pass: 2 vectors per group
-  const COMP = TOPS + (<usize>roundUp4(max(G, 1)) << 5); // 16 i64
+  const COMP = TOPS + (<usize>roundUp4(max(G, 1)) << 5); // 32 i64
   const radix = K >= radixThreshold;
   const inB = <usize>dtBytes(dt);
   const routeB = <usize>routeRowBytes(fmt, E, K);
@@ -1493,6 +1531,24 @@ function forwardRows(
     // order: a bit set of the chosen over E (in a local up to 64 experts,
     // else in KEY, free now), read out word by word
     const yrow = yasc + (tk << 2);
+    if (K <= 16) {
+      // each chosen expert's place in ascending order: how many chosen ids
+      // are smaller (lanes past K hold i32.MAX), counted 4 ids a vector
+      const big = i32x4.splat(i32.MAX_VALUE);
+      const c0 = v128.bitselect(v128.load(CHOSEN), big, inRow(0, K));
+      const c1 = K > 4 ? v128.bitselect(v128.load(CHOSEN, 16), big, inRow(4, K)) : big;
+      const c2 = K > 8 ? v128.bitselect(v128.load(CHOSEN, 32), big, inRow(8, K)) : big;
+      const c3 = K > 12 ? v128.bitselect(v128.load(CHOSEN, 48), big, inRow(12, K)) : big;
+      for (let k = 0; k < K; k++) {
+        const e = load<i32>(CHOSEN + (<usize>k << 2));
+        const ev = i32x4.splat(e);
+        const c = i32x4.add(i32x4.add(i32x4.lt_s(c0, ev), i32x4.lt_s(c1, ev)), i32x4.add(i32x4.lt_s(c2, ev), i32x4.lt_s(c3, ev)));
+        const h = i32x4.add(c, i32x4.shuffle(c, c, 2, 3, 0, 1));
+        const rank = -(i32x4.extract_lane(h, 0) + i32x4.extract_lane(h, 1));
+        store<f32>(yrow + (<usize>rank << 2), load<f32>(irow + (<usize>e << 2)));
+      }
+      continue;
+    }
     if (E <= 64) {
       let bits: u64 = 0;
       for (let k = 0; k < K; k++) bits |= <u64>1 << <u64>load<i32>(CHOSEN + (<usize>k << 2));

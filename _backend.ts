@@ -3,10 +3,23 @@
 import { type AuxLossPlan, type AuxScoresPlan, routeRowBytes, type TopkPlan } from "./_validate.ts";
 import type { BackendName, FloatTensor, IndexArray, SavedState, Tensor } from "./_types.ts";
 
+/**
+ * An intermediate on the host: the array (the caller's `intermediateOut`,
+ * or one the caller owns), or, when nobody asked for it, a reader that
+ * copies it out of the saved state's own buffer on first use (most callers
+ * never read it: it is part of the state the backward uses).
+ */
+export type HostIntermediate = Float32Array | (() => Float32Array);
+
+/** A reader that copies `kept` (made here, so that the closure holds that array alone). */
+export function copier(kept: Float32Array): () => Float32Array {
+  return () => kept.slice();
+}
+
 /** Flat outputs of a top-k forward; `payload` is what the backward needs. */
 export interface TopkForwardOut {
   probs: FloatTensor["data"];
-  intermediate: Float32Array;
+  intermediate: HostIntermediate;
   /** uint8 map, or the dense index array (the caller's indicesOut when given). */
   route: Uint8Array | IndexArray;
   payload: unknown;
@@ -15,21 +28,15 @@ export interface TopkForwardOut {
 /** Flat outputs of the aux-loss scores forward. */
 export interface AuxScoresForwardOut {
   scores: Float32Array;
-  intermediate: Float32Array;
+  intermediate: HostIntermediate;
   route: Uint8Array;
   payload: unknown;
 }
 
-/** The host arrays an aux-scores forward fills: scores and intermediate [T, E], the routing map [T, row bytes]. */
-export function newAuxScoresArrays(
-  plan: AuxScoresPlan,
-): { scores: Float32Array; intermediate: Float32Array; route: Uint8Array } {
+/** The host arrays an aux-scores forward fills: scores [T, E] and the routing map [T, row bytes]. */
+export function newAuxScoresArrays(plan: AuxScoresPlan): { scores: Float32Array; route: Uint8Array } {
   const { T, E, K, route } = plan;
-  return {
-    scores: new Float32Array(T * E),
-    intermediate: new Float32Array(T * E),
-    route: new Uint8Array(T * routeRowBytes(route, E, K)),
-  };
+  return { scores: new Float32Array(T * E), route: new Uint8Array(T * routeRowBytes(route, E, K)) };
 }
 
 /** A set of kernels that runs the router ops on host arrays. */

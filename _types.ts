@@ -180,7 +180,11 @@ export interface TopkResult {
   routingMap?: Tensor<"uint8">;
   /** Dense indices [..., K] (descending selection score, ties by lower index), when asked for. */
   indices?: Tensor<IndexDType>;
-  /** [..., E] float32, saved for backward (see SPEC section 2.7). */
+  /**
+   * [..., E] float32, saved for backward (see SPEC section 2.7). Without
+   * `intermediateOut`, `data` is copied out of the saved state on first
+   * read: read it before `saved.release()`.
+   */
   intermediate: Tensor<"float32">;
   /** State for {@linkcode fusedTopkWithScoreFunctionBackward}. */
   saved: SavedState;
@@ -224,7 +228,7 @@ export interface AuxScoresResult {
   scores: Tensor<"float32">;
   /** Top-K routing map of the scores. */
   routingMap: Tensor<"uint8">;
-  /** [..., E] float32, saved for backward. */
+  /** [..., E] float32, saved for backward; `data` is copied out of the saved state on first read (before `saved.release()`). */
   intermediate: Tensor<"float32">;
   /** State for {@linkcode fusedComputeScoreForMoEAuxLossBackward}. */
   saved: SavedState;

@@ -3,7 +3,7 @@
  *
  * @module
  */
-import { type Backend, Saved } from "./_backend.ts";
+import { type Backend, type HostIntermediate, Saved } from "./_backend.ts";
 import type {
   AuxLossOptions,
   AuxLossResult,
@@ -370,15 +370,15 @@ class BoundRouter implements Router, GpuResidentOps {
     const out = await b.topkForward(plan, logits);
     // a backend that did not write into the caller's buffers: copy into them
     const probs = into(plan.probsOut, out.probs);
-    const intermediate = into(plan.intermediateOut, out.intermediate);
     const route = plan.indicesOut || plan.routingMapOut
       ? into<Uint8Array | IndexArray>(plan.indicesOut ?? plan.routingMapOut, out.route)
       : out.route;
     const lead = plan.shape.slice(0, -1);
+    const saved = new Saved<TopkPlan>(b.name, "topk", plan, out.payload, false, recycler(b));
     const result: TopkResult = {
       probs: { data: probs, shape: [...plan.shape], dtype: plan.dtype },
-      intermediate: { data: intermediate, shape: [...plan.shape], dtype: "float32" },
-      saved: new Saved<TopkPlan>(b.name, "topk", plan, out.payload, false, recycler(b)),
+      intermediate: hostIntermediate(saved, plan.intermediateOut, out.intermediate, plan.shape),
+      saved,
     };
     if (plan.route === "bytemap" || plan.route === "bitmap_u8") {
       const last = plan.route === "bytemap" ? plan.E : Math.ceil(plan.E / 8);
@@ -454,11 +454,12 @@ class BoundRouter implements Router, GpuResidentOps {
     }
     const b = this.#use(plan.T * plan.E);
     const out = await b.auxScoresForward(plan, logits);
+    const saved = new Saved<AuxScoresPlan>(b.name, "auxScores", plan, out.payload, false, recycler(b));
     return {
       scores: { data: out.scores, shape: [...plan.shape], dtype: "float32" },
       routingMap: { data: out.route, shape: mapShape, dtype: "uint8" },
-      intermediate: { data: out.intermediate, shape: [...plan.shape], dtype: "float32" },
-      saved: new Saved<AuxScoresPlan>(b.name, "auxScores", plan, out.payload, false, recycler(b)),
+      intermediate: hostIntermediate(saved, null, out.intermediate, plan.shape),
+      saved,
     };
   }
 
@@ -550,6 +551,60 @@ class BoundRouter implements Router, GpuResidentOps {
 }
 
 // what gives a host payload's buffers back to its backend, where the backend reuses them
+/**
+ * The intermediate of a host forward: the caller's buffer (filled), the
+ * backend's array, or, where the backend kept it in the saved state only, a
+ * {@linkcode LazyIntermediate}.
+ */
+function hostIntermediate(
+  saved: Saved<unknown>,
+  out: Float32Array | null,
+  got: HostIntermediate,
+  shape: readonly number[],
+): Tensor<"float32"> {
+  if (typeof got !== "function") return { data: into(out, got), shape: [...shape], dtype: "float32" };
+  if (out !== null) return { data: into(out, got()), shape: [...shape], dtype: "float32" };
+  return new LazyIntermediate(saved, got, [...shape]);
+}
+
+/**
+ * An intermediate tensor whose `data` is copied out of the saved state on
+ * first read (most callers never read it). The state's buffers are reused
+ * once it is released, so that read must come first; the tensor holds the
+ * state, so a dropped result cannot free them under it. `data` is an own
+ * enumerable accessor (spreading the tensor reads it, as for a plain one),
+ * one function shared by every instance: a getter closure per object kept
+ * about 40 KiB a call alive in a loop of calls under `deno test`.
+ */
+class LazyIntermediate {
+  readonly dtype = "float32" as const;
+  declare readonly data: Float32Array;
+  saved: Saved<unknown>;
+  read: (() => Float32Array) | null;
+  value: Float32Array | null = null;
+
+  constructor(saved: Saved<unknown>, read: () => Float32Array, readonly shape: readonly number[]) {
+    this.saved = saved;
+    this.read = read;
+    Object.defineProperty(this, "data", { get: lazyData, enumerable: true });
+    // the bookkeeping stays out of spreads and logs
+    for (const key of ["saved", "read", "value"]) Object.defineProperty(this, key, { enumerable: false });
+  }
+}
+
+function lazyData(this: LazyIntermediate): Float32Array {
+  if (this.value === null) {
+    if (this.saved.released) {
+      throw new TypeError(
+        "intermediate was not read before its saved state was released: read result.intermediate.data before saved.release(), or pass intermediateOut",
+      );
+    }
+    this.value = (this.read as () => Float32Array)();
+    this.read = null;
+  }
+  return this.value;
+}
+
 function recycler(b: Backend): ((payload: unknown) => void) | undefined {
   return b.recycle === undefined ? undefined : (payload) => b.recycle!(payload);
 }

@@ -21,7 +21,7 @@
  *
  * @module
  */
-import { type AuxScoresForwardOut, type Backend, newAuxScoresArrays, type TopkForwardOut } from "../_backend.ts";
+import { type AuxScoresForwardOut, type Backend, copier, newAuxScoresArrays, type TopkForwardOut } from "../_backend.ts";
 import {
   type AuxScoresPlan,
   type GpuAuxLossPlan,
@@ -714,8 +714,10 @@ export class WebGpuBackend implements Backend {
     }
     if (bias?.pooled) this.#pool.release(bias.buffer);
     // the saved state keeps its own copies: callers may edit or reuse every array they get
-    const payload: HostPayload = { intermediate: intermediate.slice(), route: routeOut.slice() };
-    return { probs, intermediate, route: routeOut, payload };
+    // (the intermediate: the caller's copy, made now for intermediateOut, else on first read)
+    const lazy = plan.intermediateOut === null;
+    const payload: HostPayload = { intermediate, route: routeOut.slice() };
+    return { probs, intermediate: lazy ? copier(intermediate) : intermediate, route: routeOut, payload };
   }
 
   /**
@@ -942,7 +944,8 @@ export class WebGpuBackend implements Backend {
     const { T, E, K, dtype, route } = plan;
     const inB = BYTES_OF[dtype];
     const rB = routeRowBytes(route, E, K);
-    const { scores, intermediate, route: routeOut } = newAuxScoresArrays(plan);
+    const { scores, route: routeOut } = newAuxScoresArrays(plan);
+    const intermediate = new Float32Array(T * E); // the saved state's own
     this.#forwardKey(plan, "aux");
     const perRound = this.#rowsPerRound(T, [2 * E * inB, 8 * E, 8 * E, 2 * rB], "fusedComputeScoreForMoEAuxLoss");
     for (let r0 = 0; r0 < T; r0 += perRound) {
@@ -970,8 +973,7 @@ export class WebGpuBackend implements Backend {
       routeOut.set(r!, r0 * rB);
       this.#pool.release(logitsBuf, scoresBuf, interBuf, routeBuf);
     }
-    // the saved copy lets callers edit the returned intermediate
-    return { scores, intermediate, route: routeOut, payload: intermediate.slice() };
+    return { scores, intermediate: copier(intermediate), route: routeOut, payload: intermediate };
   }
 
   /**

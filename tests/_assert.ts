@@ -131,3 +131,8 @@ export function assertBitIdentical(
   const b = new Uint8Array(expected.buffer, expected.byteOffset, expected.byteLength);
   assertArrayEqual(a, b, `${label} (bytes)`);
 }
+
+/** A backend's intermediate as an array: backends may hand it over as a reader of the saved state's copy. */
+export function intermediateOf(x: Float32Array | (() => Float32Array)): Float32Array {
+  return typeof x === "function" ? x() : x;
+}

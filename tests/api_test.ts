@@ -316,6 +316,65 @@ Deno.test("the saved state does not change when the caller edits the returned ro
   });
 });
 
+Deno.test("the intermediate is copied out of the saved state on first read, and must be read before release()", async (t) => {
+  const rng = mulberry32(15);
+  const T = 33;
+  const E = 24;
+  const x = f32(normals(rng, T * E), [T, E]);
+  const g = f32(normals(rng, T * E), [T, E]);
+  const cases: Array<[string, TopkOptions]> = [
+    ["sigmoid", { topk: 4, scoreFunction: "sigmoid", numGroups: 4, groupTopk: 2 }],
+    ["pre-softmax", { topk: 3, scoreFunction: "softmax", usePreSoftmax: true }],
+    ["post-softmax", { topk: 3, scoreFunction: "softmax", indexDtype: "int16" }],
+  ];
+  for (const [name, options] of cases) {
+    await t.step(name, async () => {
+      const buf = new Float32Array(T * E);
+      const eager = await router.fusedTopkWithScoreFunction(x, { ...options, intermediateOut: buf });
+      assert.strictEqual(eager.intermediate.data, buf);
+      const expected = (await router.fusedTopkWithScoreFunctionBackward(eager.saved, g)).data;
+      const kept = buf.slice();
+      const r = await router.fusedTopkWithScoreFunction(x, options);
+      assert.deepStrictEqual(Object.keys(r.intermediate).sort(), ["data", "dtype", "shape"]);
+      const data = r.intermediate.data;
+      assertBitIdentical(data, kept, `${name}: intermediate read on demand`);
+      assert.strictEqual(r.intermediate.data, data, `${name}: a second read gives the same array`);
+      assert.strictEqual({ ...r.intermediate }.data, data, `${name}: a spread tensor carries the data`);
+      data.fill(7); // the caller's copy: the backward does not see it
+      assertBitIdentical(
+        (await router.fusedTopkWithScoreFunctionBackward(r.saved, g)).data,
+        expected,
+        `${name}: backward`,
+      );
+      r.saved.release();
+      r.saved.release();
+      // the released buffers serve the next forwards (two states alive at once: none may share a buffer)
+      const a = await router.fusedTopkWithScoreFunction(x, options);
+      const b = await router.fusedTopkWithScoreFunction(x, options);
+      assert.ok(data.every((v) => v === 7), `${name}: a read intermediate belongs to the caller`);
+      assertBitIdentical((await router.fusedTopkWithScoreFunctionBackward(a.saved, g)).data, expected, `${name}: a`);
+      assertBitIdentical((await router.fusedTopkWithScoreFunctionBackward(b.saved, g)).data, expected, `${name}: b`);
+      assertBitIdentical(a.intermediate.data, kept, `${name}: intermediate of a later forward`);
+      b.saved.release();
+      assert.throws(
+        () => b.intermediate.data,
+        (e: unknown) =>
+          e instanceof TypeError && /before its saved state was released/.test(e.message) &&
+          /intermediateOut/.test(e.message),
+      );
+      assert.deepStrictEqual(b.intermediate.shape, [T, E]);
+    });
+  }
+  await t.step("aux scores", async () => {
+    const options = { topk: 4, scoreFunction: "sqrtsoftplus" } as const;
+    const r = await router.fusedComputeScoreForMoEAuxLoss(x, options);
+    assertBitIdentical(r.intermediate.data, x.data as Float32Array, "sqrtsoftplus intermediate: the logits");
+    const late = await router.fusedComputeScoreForMoEAuxLoss(x, options);
+    late.saved.release();
+    assert.throws(() => late.intermediate.data, TypeError);
+  });
+});
+
 // ---------------------------------------------------------------------------
 
 /** Signed distance in units in the last place between two 16-bit floats given by their bits. */

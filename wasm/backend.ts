@@ -14,7 +14,7 @@
 // probs, the backward's gradProbs and gradLogits): whole rows copied cost
 // less than K values a token gathered or scattered here. (Their backward
 // runs in one kernel, topkBackwardLanes: ids, gather, arithmetic, scatter.)
-import { type AuxScoresForwardOut, type Backend, newAuxScoresArrays, type TopkForwardOut } from "../_backend.ts";
+import { type AuxScoresForwardOut, type Backend, copier, newAuxScoresArrays, type TopkForwardOut } from "../_backend.ts";
 import { type AuxLossPlan, type AuxScoresPlan, type RouteFormat, routeRowBytes, type TopkPlan } from "../_validate.ts";
 import type { FloatDType, FloatTensor, IndexArray, RoutingMapFormat, Tensor } from "../_types.ts";
 import { ARRAY_OF, BYTES_OF } from "../tensor.ts";
@@ -156,6 +156,8 @@ interface TopkPayload {
   yasc: Float32Array;
   /** Pre-softmax only: the whole intermediate (every expert gets a gradient). */
   full: Float32Array | null;
+  /** The whole intermediate, kept for a caller who reads it later (none when it went to intermediateOut). */
+  inter: Float32Array | null;
 }
 
 /**
@@ -276,11 +278,12 @@ export class WasmBackend implements Backend {
    * reading them finishes first.
    */
   recycle(payload: unknown): void {
-    const buffers = payload instanceof Float32Array
-      ? [payload]
-      : typeof payload === "object" && payload !== null && "yasc" in payload
-      ? [(payload as TopkPayload).route, (payload as TopkPayload).yasc, (payload as TopkPayload).full]
-      : [];
+    let buffers: Array<ArrayBufferView | null> = [];
+    if (payload instanceof Float32Array) buffers = [payload];
+    else if (typeof payload === "object" && payload !== null && "yasc" in payload) {
+      const p = payload as TopkPayload;
+      buffers = [p.route, p.yasc, p.full, p.inter === p.full ? null : p.inter];
+    }
     void this.#serial(() => {
       if (this.#disposed) return;
       for (const a of buffers) if (a !== null) this.#saved.give(a.buffer as ArrayBuffer);
@@ -466,7 +469,9 @@ export class WasmBackend implements Backend {
     // they are (probs zeroed first where it is scattered into)
     const probs = (dense ? plan.probsOut : plan.probsOut?.fill(0)) ?? newFloat(dtype, T * E);
     const probsBits = rawBits(probs);
-    const intermediate = plan.intermediateOut ?? new Float32Array(T * E);
+    // the intermediate goes to the caller's buffer, or else to the saved state's own (copied out on demand)
+    const own = plan.intermediateOut === null;
+    const intermediate = plan.intermediateOut ?? new Float32Array(this.#saved.take(T * E * 4));
     const routeOut: Uint8Array | IndexArray = plan.indicesOut ?? plan.routingMapOut ?? newRoute(route, T, E, K);
     const yasc = new Float32Array(this.#saved.take(T * K * 4));
     if (plan.bias) {
@@ -534,9 +539,10 @@ export class WasmBackend implements Backend {
     const payload: TopkPayload = {
       route: pooledCopy(this.#saved, routeOut),
       yasc,
-      full: plan.score === "softmax" && plan.pre ? pooledCopy(this.#saved, intermediate) : null,
+      full: plan.score === "softmax" && plan.pre ? (own ? intermediate : pooledCopy(this.#saved, intermediate)) : null,
+      inter: own ? intermediate : null,
     };
-    return { probs, intermediate, route: routeOut, payload };
+    return { probs, intermediate: own ? copier(intermediate) : intermediate, route: routeOut, payload };
   }
 
   topkBackward(
@@ -710,7 +716,9 @@ export class WasmBackend implements Backend {
       const { T, E, K, dtype, route } = plan;
       const inB = BYTES_OF[dtype];
       const rB = routeRowBytes(route, E, K);
-      const { scores, intermediate, route: routeOut } = newAuxScoresArrays(plan);
+      const { scores, route: routeOut } = newAuxScoresArrays(plan);
+      // the saved state's own intermediate (the backward's input), copied out for a caller on demand
+      const intermediate = new Float32Array(this.#saved.take(T * E * 4));
       const n = this.#chunk(T, E * inB + 8 * E + rB);
       const k = this.#k;
       const L = new Layout(k.heapBase());
@@ -741,8 +749,7 @@ export class WasmBackend implements Backend {
         this.#get(interP, intermediate, t0 * E, m * E);
         this.#get(routeP, routeOut, t0 * rB, m * rB);
       }
-      // the saved copy lets callers edit the returned intermediate
-      return { scores, intermediate, route: routeOut, payload: pooledCopy(this.#saved, intermediate) };
+      return { scores, intermediate: copier(intermediate), route: routeOut, payload: intermediate };
     });
   }
 

@@ -21,7 +21,13 @@
  *
  * @module
  */
-import { type AuxScoresForwardOut, type Backend, copier, newAuxScoresArrays, type TopkForwardOut } from "../_backend.ts";
+import {
+  type AuxScoresForwardOut,
+  type Backend,
+  copier,
+  newAuxScoresArrays,
+  type TopkForwardOut,
+} from "../_backend.ts";
 import {
   type AuxScoresPlan,
   type GpuAuxLossPlan,

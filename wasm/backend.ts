@@ -14,7 +14,13 @@
 // probs, the backward's gradProbs and gradLogits): whole rows copied cost
 // less than K values a token gathered or scattered here. (Their backward
 // runs in one kernel, topkBackwardLanes: ids, gather, arithmetic, scatter.)
-import { type AuxScoresForwardOut, type Backend, copier, newAuxScoresArrays, type TopkForwardOut } from "../_backend.ts";
+import {
+  type AuxScoresForwardOut,
+  type Backend,
+  copier,
+  newAuxScoresArrays,
+  type TopkForwardOut,
+} from "../_backend.ts";
 import { type AuxLossPlan, type AuxScoresPlan, type RouteFormat, routeRowBytes, type TopkPlan } from "../_validate.ts";
 import type { FloatDType, FloatTensor, IndexArray, RoutingMapFormat, Tensor } from "../_types.ts";
 import { ARRAY_OF, BYTES_OF } from "../tensor.ts";

@@ -2082,9 +2082,33 @@ function forwardLanes(
   return taken;
 }
 
-// The K expert ids at src (i32) in ascending order, into dst: insertion sort
-// for small K, else a byte mask of E (MASK: E16 bytes) scanned 16 at a time.
+// The K expert ids at src (i32) in ascending order, into dst: ranks counted
+// up to 16 ids, insertion sort up to 32, else a byte mask of E (MASK: E16
+// bytes) scanned 16 at a time. src needs 16 readable bytes past its K ids.
 function ascending(src: usize, K: i32, E: i32, MASK: usize, dst: usize): void {
+  if (K <= 16) {
+    // each id's place counted, 4 ids a vector: how many ids are smaller, or
+    // equal at an earlier position (lanes past K hold i32.MAX); no branch
+    // depends on the ids, which an insertion sort's inner loop does
+    const big = i32x4.splat(i32.MAX_VALUE);
+    const c0 = v128.bitselect(v128.load(src), big, inRow(0, K));
+    const c1 = K > 4 ? v128.bitselect(v128.load(src, 16), big, inRow(4, K)) : big;
+    const c2 = K > 8 ? v128.bitselect(v128.load(src, 32), big, inRow(8, K)) : big;
+    const c3 = K > 12 ? v128.bitselect(v128.load(src, 48), big, inRow(12, K)) : big;
+    const p0 = IOTA(), p1 = i32x4.add(p0, i32x4.splat(4)), p2 = i32x4.add(p0, i32x4.splat(8)), p3 = i32x4.add(p0, i32x4.splat(12));
+    for (let k = 0; k < K; k++) {
+      const e = load<i32>(src + (<usize>k << 2));
+      const ev = i32x4.splat(e), kv = i32x4.splat(k);
+      const l0 = v128.or(i32x4.lt_s(c0, ev), v128.and(i32x4.eq(c0, ev), i32x4.lt_s(p0, kv)));
+      const l1 = v128.or(i32x4.lt_s(c1, ev), v128.and(i32x4.eq(c1, ev), i32x4.lt_s(p1, kv)));
+      const l2 = v128.or(i32x4.lt_s(c2, ev), v128.and(i32x4.eq(c2, ev), i32x4.lt_s(p2, kv)));
+      const l3 = v128.or(i32x4.lt_s(c3, ev), v128.and(i32x4.eq(c3, ev), i32x4.lt_s(p3, kv)));
+      const c = i32x4.add(i32x4.add(l0, l1), i32x4.add(l2, l3));
+      const h = i32x4.add(c, i32x4.shuffle(c, c, 2, 3, 0, 1));
+      store<i32>(dst + (<usize>(-(i32x4.extract_lane(h, 0) + i32x4.extract_lane(h, 1))) << 2), e);
+    }
+    return;
+  }
   if (K <= 32) {
     for (let a = 0; a < K; a++) {
       const v = load<i32>(src + (<usize>a << 2));

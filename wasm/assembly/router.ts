@@ -2083,8 +2083,9 @@ function forwardLanes(
 }
 
 // The K expert ids at src (i32) in ascending order, into dst: ranks counted
-// up to 16 ids, insertion sort up to 32, else a byte mask of E (MASK: E16
-// bytes) scanned 16 at a time. src needs 16 readable bytes past its K ids.
+// up to 32 ids (up to 16 in registers), else a byte mask of E (MASK: E16
+// bytes) scanned 16 at a time. src needs room for K4 ids (past 16 ids the
+// pad lanes are written) and 16 readable bytes past its K ids.
 function ascending(src: usize, K: i32, E: i32, MASK: usize, dst: usize): void {
   if (K <= 16) {
     // each id's place counted, 4 ids a vector: how many ids are smaller, or
@@ -2110,14 +2111,24 @@ function ascending(src: usize, K: i32, E: i32, MASK: usize, dst: usize): void {
     return;
   }
   if (K <= 32) {
-    for (let a = 0; a < K; a++) {
-      const v = load<i32>(src + (<usize>a << 2));
-      let b = a - 1;
-      while (b >= 0 && load<i32>(dst + (<usize>b << 2)) > v) {
-        store<i32>(dst + (<usize>(b + 1) << 2), load<i32>(dst + (<usize>b << 2)));
-        b--;
+    // each id's place counted, 4 ids a vector: how many ids are smaller, or
+    // equal at an earlier position; no branch depends on the ids, which an
+    // insertion sort's inner loop does. Lanes past K get i32.MAX (never
+    // smaller than an id).
+    const K4 = roundUp4(K);
+    for (let k = K; k < K4; k++) store<i32>(src + (<usize>k << 2), i32.MAX_VALUE);
+    for (let k = 0; k < K; k++) {
+      const e = load<i32>(src + (<usize>k << 2));
+      const ev = i32x4.splat(e), kv = i32x4.splat(k);
+      let c = i32x4.splat(0);
+      let p = IOTA();
+      for (let q = 0; q < K4; q += 4) {
+        const v = v128.load(src + (<usize>q << 2));
+        c = i32x4.add(c, v128.or(i32x4.lt_s(v, ev), v128.and(i32x4.eq(v, ev), i32x4.lt_s(p, kv))));
+        p = i32x4.add(p, i32x4.splat(4));
       }
-      store<i32>(dst + (<usize>(b + 1) << 2), v);
+      const h = i32x4.add(c, i32x4.shuffle(c, c, 2, 3, 0, 1));
+      store<i32>(dst + (<usize>(-(i32x4.extract_lane(h, 0) + i32x4.extract_lane(h, 1))) << 2), e);
     }
     return;
   }

@@ -343,6 +343,8 @@ const VCONST = memory.data<f32>([
   const t = f32x4.add(f32x4.mul(xc, LOG2E()), EXP_SHIFT());
   const p = expReduced(xc, t);
   const nb = i32x4.shl(t, 23); // n << 23
+  // every n >= -125 (x above about -86.6: nearly always): s2 below is 1
+  if (!v128.any_true(i32x4.lt_s(nb, EXP_N125()))) return f32x4.mul(p, i32x4.add(nb, ONE_BITS()));
   const a = i32x4.max_s(nb, EXP_N125()); // max(n, -125) << 23
   const s1 = i32x4.add(a, ONE_BITS()); // 2^max(n, -125)
   const s2 = i32x4.add(i32x4.sub(nb, a), ONE_BITS()); // 2^(n - max(n, -125))

@@ -33,6 +33,9 @@ export class OrtRouter {
       executionMode: "sequential",
       intraOpNumThreads: threads,
       interOpNumThreads: 1,
+      // no pool thread left spinning after a run: on 2 cores it would take a core
+      // from whatever is timed next (onnxruntime's one-thread session included)
+      extra: { session: { intra_op: { allow_spinning: "0" } } },
     });
     return new OrtRouter(c, session);
   }

@@ -20,6 +20,9 @@ for (const threads of threadList.split(",").map(Number)) {
     executionMode: "sequential",
     intraOpNumThreads: threads,
     interOpNumThreads: 1,
+    // no pool thread left spinning after a run: on 2 cores it would take a core
+    // from whatever is timed next (onnxruntime's one-thread session included)
+    extra: { session: { intra_op: { allow_spinning: "0" } } },
   });
   const times = [];
   for (let i = 0; i < 5 + Number(runs); i++) {

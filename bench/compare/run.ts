@@ -459,7 +459,10 @@ function notesText(tfWasm: string, ortNote: string | null): string[] {
     "ScatterElements of 0 into a -inf [T, G] tensor added to the scores, TopK, GatherElements, ReduceSum, Add, " +
     "Div, Mul, ScatterElements into zeros (softmax cases: TopK, Softmax, ScatterElements). CPU execution " +
     "provider, all graph optimisations, sequential, `intraOpNumThreads` 1 and " +
-    `${THREADS}. Its indices are int64.`,
+    `${THREADS}, \`session.intra_op.allow_spinning\` 0 (by default its pool threads keep spinning after a run, ` +
+    "taking one of the 2 cores from whatever is timed next). Its indices are int64. Its one-thread medians " +
+    "swing from run to run on this VM (23-53 ms on dsv3, with or without spinning; the cross-check below times " +
+    "it alone).",
   ];
   if (ortNote) notes.push(ortNote);
   notes.push(

@@ -860,6 +860,34 @@ function limitGroups(
   return viaBlocks;
 }
 
+// Up to 16 ids (ids[0, K)) in ascending order: dst[place] gets the id, or,
+// with `from`, the 32-bit word from[id]. Each id's place is counted, 4 ids
+// a vector: how many ids are smaller, or (unless the caller knows them
+// `distinct`) equal at an earlier position; pad lanes hold i32.MAX. No
+// branch depends on the ids, where an insertion sort's inner loop would
+// mispredict about once an id. ids needs 16 readable bytes past its K ids.
+@inline function placeAscending(ids: usize, K: i32, distinct: bool, from: usize, dst: usize): void {
+  const big = i32x4.splat(i32.MAX_VALUE);
+  const c0 = v128.bitselect(v128.load(ids), big, inRow(0, K));
+  const c1 = K > 4 ? v128.bitselect(v128.load(ids, 16), big, inRow(4, K)) : big;
+  const c2 = K > 8 ? v128.bitselect(v128.load(ids, 32), big, inRow(8, K)) : big;
+  const c3 = K > 12 ? v128.bitselect(v128.load(ids, 48), big, inRow(12, K)) : big;
+  const p0 = IOTA(), p1 = i32x4.add(p0, i32x4.splat(4)), p2 = i32x4.add(p0, i32x4.splat(8)), p3 = i32x4.add(p0, i32x4.splat(12));
+  for (let k = 0; k < K; k++) {
+    const e = load<i32>(ids + (<usize>k << 2));
+    const ev = i32x4.splat(e), kv = i32x4.splat(k);
+    let c = i32x4.add(i32x4.add(i32x4.lt_s(c0, ev), i32x4.lt_s(c1, ev)), i32x4.add(i32x4.lt_s(c2, ev), i32x4.lt_s(c3, ev)));
+    if (!distinct) {
+      const t01 = i32x4.add(v128.and(i32x4.eq(c0, ev), i32x4.lt_s(p0, kv)), v128.and(i32x4.eq(c1, ev), i32x4.lt_s(p1, kv)));
+      const t23 = i32x4.add(v128.and(i32x4.eq(c2, ev), i32x4.lt_s(p2, kv)), v128.and(i32x4.eq(c3, ev), i32x4.lt_s(p3, kv)));
+      c = i32x4.add(c, i32x4.add(t01, t23));
+    }
+    const h = i32x4.add(c, i32x4.shuffle(c, c, 2, 3, 0, 1));
+    const place = <usize>(-(i32x4.extract_lane(h, 0) + i32x4.extract_lane(h, 1))) << 2;
+    store<i32>(dst + place, from ? load<i32>(from + (<usize>e << 2)) : e);
+  }
+}
+
 // ---- top-k forward: the fused score pass ------------------------------------------
 //
 // One pass over a token's experts computes, per vector of 4 experts: the
@@ -1530,25 +1558,12 @@ function forwardRows(
     }
     writeRoute(fmt, E, K, CHOSEN, route + <usize>t * routeB);
     // write: the intermediate at the chosen experts, in ascending expert
-    // order: a bit set of the chosen over E (in a local up to 64 experts,
-    // else in KEY, free now), read out word by word
+    // order: placed by counted ranks up to 16 chosen, else through a bit set
+    // of the chosen over E (in a local up to 64 experts, else in KEY, free
+    // now), read out word by word
     const yrow = yasc + (tk << 2);
     if (K <= 16) {
-      // each chosen expert's place in ascending order: how many chosen ids
-      // are smaller (lanes past K hold i32.MAX), counted 4 ids a vector
-      const big = i32x4.splat(i32.MAX_VALUE);
-      const c0 = v128.bitselect(v128.load(CHOSEN), big, inRow(0, K));
-      const c1 = K > 4 ? v128.bitselect(v128.load(CHOSEN, 16), big, inRow(4, K)) : big;
-      const c2 = K > 8 ? v128.bitselect(v128.load(CHOSEN, 32), big, inRow(8, K)) : big;
-      const c3 = K > 12 ? v128.bitselect(v128.load(CHOSEN, 48), big, inRow(12, K)) : big;
-      for (let k = 0; k < K; k++) {
-        const e = load<i32>(CHOSEN + (<usize>k << 2));
-        const ev = i32x4.splat(e);
-        const c = i32x4.add(i32x4.add(i32x4.lt_s(c0, ev), i32x4.lt_s(c1, ev)), i32x4.add(i32x4.lt_s(c2, ev), i32x4.lt_s(c3, ev)));
-        const h = i32x4.add(c, i32x4.shuffle(c, c, 2, 3, 0, 1));
-        const rank = -(i32x4.extract_lane(h, 0) + i32x4.extract_lane(h, 1));
-        store<f32>(yrow + (<usize>rank << 2), load<f32>(irow + (<usize>e << 2)));
-      }
+      placeAscending(CHOSEN, K, true, irow, yrow);
       continue;
     }
     if (E <= 64) {
@@ -2090,26 +2105,7 @@ function forwardLanes(
 // pad lanes are written) and 16 readable bytes past its K ids.
 function ascending(src: usize, K: i32, E: i32, MASK: usize, dst: usize): void {
   if (K <= 16) {
-    // each id's place counted, 4 ids a vector: how many ids are smaller, or
-    // equal at an earlier position (lanes past K hold i32.MAX); no branch
-    // depends on the ids, which an insertion sort's inner loop does
-    const big = i32x4.splat(i32.MAX_VALUE);
-    const c0 = v128.bitselect(v128.load(src), big, inRow(0, K));
-    const c1 = K > 4 ? v128.bitselect(v128.load(src, 16), big, inRow(4, K)) : big;
-    const c2 = K > 8 ? v128.bitselect(v128.load(src, 32), big, inRow(8, K)) : big;
-    const c3 = K > 12 ? v128.bitselect(v128.load(src, 48), big, inRow(12, K)) : big;
-    const p0 = IOTA(), p1 = i32x4.add(p0, i32x4.splat(4)), p2 = i32x4.add(p0, i32x4.splat(8)), p3 = i32x4.add(p0, i32x4.splat(12));
-    for (let k = 0; k < K; k++) {
-      const e = load<i32>(src + (<usize>k << 2));
-      const ev = i32x4.splat(e), kv = i32x4.splat(k);
-      const l0 = v128.or(i32x4.lt_s(c0, ev), v128.and(i32x4.eq(c0, ev), i32x4.lt_s(p0, kv)));
-      const l1 = v128.or(i32x4.lt_s(c1, ev), v128.and(i32x4.eq(c1, ev), i32x4.lt_s(p1, kv)));
-      const l2 = v128.or(i32x4.lt_s(c2, ev), v128.and(i32x4.eq(c2, ev), i32x4.lt_s(p2, kv)));
-      const l3 = v128.or(i32x4.lt_s(c3, ev), v128.and(i32x4.eq(c3, ev), i32x4.lt_s(p3, kv)));
-      const c = i32x4.add(i32x4.add(l0, l1), i32x4.add(l2, l3));
-      const h = i32x4.add(c, i32x4.shuffle(c, c, 2, 3, 0, 1));
-      store<i32>(dst + (<usize>(-(i32x4.extract_lane(h, 0) + i32x4.extract_lane(h, 1))) << 2), e);
-    }
+    placeAscending(src, K, false, 0, dst);
     return;
   }
   if (K <= 32) {

@@ -325,7 +325,10 @@ Deno.test("the intermediate is copied out of the saved state on first read, and 
   const cases: Array<[string, TopkOptions]> = [
     ["sigmoid", { topk: 4, scoreFunction: "sigmoid", numGroups: 4, groupTopk: 2 }],
     ["pre-softmax", { topk: 3, scoreFunction: "softmax", usePreSoftmax: true }],
-    ["post-softmax", { topk: 3, scoreFunction: "softmax", indexDtype: "int16" }],
+    ["post-softmax, int16 indices", { topk: 3, scoreFunction: "softmax", indexDtype: "int16" }],
+    ["post-softmax, int64 indices", { topk: 5, scoreFunction: "softmax", indexDtype: "int64" }],
+    ["post-softmax, bytemap", { topk: 3, scoreFunction: "softmax" }],
+    ["post-softmax, bitmap_u8", { topk: 4, scoreFunction: "softmax", routingMapFormat: "bitmap_u8" }],
   ];
   for (const [name, options] of cases) {
     await t.step(name, async () => {

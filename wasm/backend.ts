@@ -167,6 +167,43 @@ interface TopkPayload {
 }
 
 /**
+ * A reader of a post-softmax intermediate (T x E: -inf, but the K-way
+ * softmax values at the chosen experts) rebuilt from the saved routing
+ * output and the values at the chosen experts in ascending expert order
+ * (`yasc`): the forward keeps no T x E array for it.
+ */
+function postSoftmaxReader(
+  route: Uint8Array | IndexArray,
+  fmt: RouteFormat,
+  T: number,
+  E: number,
+  K: number,
+  yasc: Float32Array,
+): () => Float32Array {
+  return () => {
+    const out = new Float32Array(T * E).fill(-Infinity);
+    const ids = new Int32Array(K);
+    const rB = routeRowBytes(fmt, E, K);
+    for (let t = 0; t < T; t++) {
+      let c = 0;
+      if (fmt === "bytemap" || fmt === "bitmap_u8") {
+        // map rows: the chosen experts come in ascending order
+        const row = t * rB;
+        for (let e = 0; e < E && c < K; e++) {
+          const set = fmt === "bytemap" ? route[row + e] : ((route[row + (e >> 3)] as number) >> (e & 7)) & 1;
+          if (set) ids[c++] = e;
+        }
+      } else {
+        for (; c < K; c++) ids[c] = Number(route[t * K + c]);
+        ids.sort();
+      }
+      for (let j = 0; j < c; j++) out[t * E + (ids[j] as number)] = yasc[t * K + j] as number;
+    }
+    return out;
+  };
+}
+
+/**
  * Buffers of saved states, taken back when a state is released or collected
  * and handed to later forwards of the same byte size. A new buffer pays its
  * page faults on first touch: on the CI VM, whose balloon driver returns freed
@@ -475,9 +512,13 @@ export class WasmBackend implements Backend {
     // they are (probs zeroed first where it is scattered into)
     const probs = (dense ? plan.probsOut : plan.probsOut?.fill(0)) ?? newFloat(dtype, T * E);
     const probsBits = rawBits(probs);
-    // the intermediate goes to the caller's buffer, or else to the saved state's own (copied out on demand)
+    // the intermediate goes to the caller's buffer, or else to the saved state's own (copied out on demand);
+    // post-softmax's (-inf but at the chosen experts) is not kept at all: the routing output and the chosen
+    // values, which the state keeps anyway, give it back on demand
     const own = plan.intermediateOut === null;
-    const intermediate = plan.intermediateOut ?? new Float32Array(this.#saved.take(T * E * 4));
+    const post = own && plan.score === "softmax" && !plan.pre;
+    const intermediate = plan.intermediateOut ??
+      (post ? new Float32Array(0) : new Float32Array(this.#saved.take(T * E * 4)));
     const routeOut: Uint8Array | IndexArray = plan.indicesOut ?? plan.routingMapOut ?? newRoute(route, T, E, K);
     const yasc = new Float32Array(this.#saved.take(T * K * 4));
     if (plan.bias) {
@@ -515,7 +556,7 @@ export class WasmBackend implements Backend {
         this.#lanes ? 1 : 0,
       ];
       const copyOut = (a: number, rows: number, j: number) => {
-        this.#get((interP[j] as number) + a * E * 4, intermediate, (t0 + a) * E, rows * E);
+        if (!post) this.#get((interP[j] as number) + a * E * 4, intermediate, (t0 + a) * E, rows * E);
         this.#get(routeP + a * rB, routeOut, (t0 + a) * routeElems, rows * routeElems);
         this.#get(yascP + a * K * 4, yasc, (t0 + a) * K, rows * K);
         if (dense) {
@@ -546,9 +587,10 @@ export class WasmBackend implements Backend {
       route: pooledCopy(this.#saved, routeOut),
       yasc,
       full: plan.score === "softmax" && plan.pre ? (own ? intermediate : pooledCopy(this.#saved, intermediate)) : null,
-      inter: own ? intermediate : null,
+      inter: own && !post ? intermediate : null,
     };
-    return { probs, intermediate: own ? copier(intermediate) : intermediate, route: routeOut, payload };
+    const lazy = post ? postSoftmaxReader(payload.route, route, T, E, K, yasc) : copier(intermediate);
+    return { probs, intermediate: own ? lazy : intermediate, route: routeOut, payload };
   }
 
   topkBackward(

@@ -54,7 +54,7 @@ export interface Backend {
   auxScoresBackward(plan: AuxScoresPlan, payload: unknown, grad: Tensor<"float32">): Promise<FloatTensor["data"]>;
   auxLossForward(plan: AuxLossPlan, probs: FloatTensor): Promise<FloatTensor["data"]>;
   auxLossBackward(plan: AuxLossPlan, gradLoss: number): Promise<FloatTensor["data"]>;
-  /** Takes back what a host payload holds once its saved state is released or collected (optional). */
+  /** Takes back what a host payload holds once its saved state is released (optional). */
   recycle?(payload: unknown): void;
   dispose(): void;
 }

@@ -155,8 +155,9 @@ export interface SavedState {
   /**
    * Frees what the state holds; idempotent. On the WebAssembly backend the
    * state's buffers then serve later forwards (a state that is only dropped
-   * gives them back when the garbage collector gets to it): releasing after
-   * the last backward saves a forward the cost of new arrays.
+   * is garbage-collected with them): releasing after the last backward saves
+   * a forward the cost of new arrays. Read the forward's `intermediate`
+   * first: it is copied out of the state on demand.
    */
   release(): void;
 }

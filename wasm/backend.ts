@@ -204,11 +204,12 @@ function postSoftmaxReader(
 }
 
 /**
- * Buffers of saved states, taken back when a state is released or collected
- * and handed to later forwards of the same byte size. A new buffer pays its
- * page faults on first touch: on the CI VM, whose balloon driver returns freed
- * pages to the host, a new 256 KiB array costs 0.8 ms to fill, a reused one
- * nothing; a DeepSeek-V3 forward saves two of them.
+ * Buffers of saved states, taken back when a state is released and handed
+ * to later forwards of the same byte size. A new buffer pays its page faults
+ * on first touch: on the CI VM, whose balloon driver returns freed pages to
+ * the host, a new 256 KiB array costs 0.8 ms to fill, a reused one nothing;
+ * a DeepSeek-V3 forward saves three of them (the routing output, the chosen
+ * values, the intermediate).
  */
 class SavedBuffers {
   #free = new Map<number, ArrayBuffer[]>();
@@ -316,9 +317,9 @@ export class WasmBackend implements Backend {
   #saved = new SavedBuffers(SAVED_BUFFER_BYTES);
 
   /**
-   * Takes back the buffers of a payload whose saved state was released or
-   * collected: queued behind the calls already made, so that a backward still
-   * reading them finishes first.
+   * Takes back the buffers of a payload whose saved state was released:
+   * queued behind the calls already made, so that a backward still reading
+   * them finishes first.
    */
   recycle(payload: unknown): void {
     let buffers: Array<ArrayBufferView | null> = [];

@@ -5,9 +5,9 @@ import type { BackendName, FloatTensor, IndexArray, SavedState, Tensor } from ".
 
 /**
  * An intermediate on the host: the array (the caller's `intermediateOut`,
- * or one the caller owns), or, when nobody asked for it, a reader that
- * copies it out of the saved state's own buffer on first use (most callers
- * never read it: it is part of the state the backward uses).
+ * or one the caller owns), or, only when no `intermediateOut` was given, a
+ * reader that copies it out of the saved state's own buffer on first use
+ * (most callers never read it: it is part of the state the backward uses).
  */
 export type HostIntermediate = Float32Array | (() => Float32Array);
 

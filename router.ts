@@ -553,7 +553,8 @@ class BoundRouter implements Router, GpuResidentOps {
 // what gives a host payload's buffers back to its backend, where the backend reuses them
 /**
  * The intermediate of a host forward: the caller's buffer (filled), the
- * backend's array, or, where the backend kept it in the saved state only, a
+ * backend's array, or, where the backend kept it in the saved state only
+ * (never when the caller passed `intermediateOut`), a
  * {@linkcode LazyIntermediate}.
  */
 function hostIntermediate(
@@ -563,7 +564,6 @@ function hostIntermediate(
   shape: readonly number[],
 ): Tensor<"float32"> {
   if (typeof got !== "function") return { data: into(out, got), shape: [...shape], dtype: "float32" };
-  if (out !== null) return { data: into(out, got()), shape: [...shape], dtype: "float32" };
   return new LazyIntermediate(saved, got, [...shape]);
 }
 

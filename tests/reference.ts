@@ -54,13 +54,24 @@ export interface RefTopkForward {
 // ---------------------------------------------------------------------------
 // Elementwise score functions
 
-/** sigmoid(x) = 1 / (1 + exp(-x)). */
+/**
+ * sigmoid(x) = 1 / (1 + exp(-x)); below 0 as exp(x) / (1 + exp(x)), so that
+ * logits under -88.7 keep their subnormal scores instead of dividing by an
+ * overflowed exp (the README's "tiny scores keep their order").
+ */
 export function sigmoid(x: number): number {
+  if (x < 0) {
+    const e = f32(Math.exp(x));
+    return f32(e / f32(1 + e));
+  }
   return f32(1 / f32(1 + f32(Math.exp(-x))));
 }
 
 /** sqrtsoftplus(x) = sqrt(softplus(x)); softplus(x) = x above 20, else log1p(exp(x)). */
 export function sqrtSoftplus(x: number): number {
+  // below -20 softplus(x) = exp(x) to float32 precision, so sqrt of it is exp(x / 2), which stays
+  // representable far below where exp(x) underflows (README: "tiny scores keep their order")
+  if (x < -SOFTPLUS_LINEAR_ABOVE) return f32(Math.exp(x / 2));
   const softplus = x > SOFTPLUS_LINEAR_ABOVE ? x : f32(Math.log1p(f32(Math.exp(x))));
   return f32(Math.sqrt(softplus));
 }

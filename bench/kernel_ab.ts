@@ -73,10 +73,13 @@ function prepare(k: Kernels, c: Case, logits: Float32Array): Bench {
         scratch,
         0, // no dense probs rows
         1, // four-token lanes where they apply
+        BY_LOGITS ? 1 : 0, // sigmoid selection from the logits' order (builds without it ignore the argument)
       ),
     digest: () => {
       let h = 0;
-      const regions: Array<[number, number]> = [[listP, T * K], [valsP, T * K], [yascP, T * K], [interP, T * E]];
+      // with BY_LOGITS the kernel leaves the intermediate to the host
+      const regions: Array<[number, number]> = [[listP, T * K], [valsP, T * K], [yascP, T * K]];
+      if (!BY_LOGITS) regions.push([interP, T * E]);
       for (const [p, n] of regions) {
         const words = new Uint32Array(k.memory.buffer, p, n);
         for (let i = 0; i < n; i++) h = (Math.imul(h, 31) + (words[i] as number)) >>> 0;
@@ -85,6 +88,9 @@ function prepare(k: Kernels, c: Case, logits: Float32Array): Bench {
     },
   };
 }
+
+/** MOE_AB_BY_LOGITS=1: ask both builds for the sigmoid selection from the logits' order (no intermediate). */
+const BY_LOGITS = Deno.env.get("MOE_AB_BY_LOGITS") === "1";
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1] as number;
 

@@ -45,3 +45,43 @@ Deno.test("the forward's sigmoid gives the bits of the general sigmoid for every
   assertBitIdentical(b.mathCheck(SIGMOID_FAST, xs), b.mathCheck(SIGMOID, xs), "sigmoid");
   b.dispose();
 });
+
+// The selection keyed by the logits (selectSigmoidByLogits in wasm/assembly/router.ts) relies on
+// |s^(x) - sigmoid(x)| <= 2^-21 for the forward's sigmoid s^; this checks half of that, against float64,
+// on the stride and a dense sweep of [-32, 32] (every 2^-12, plus a stride through its bit patterns), or on
+// all 2^32 bit patterns with MOE_EXHAUSTIVE=1 (about 10 minutes).
+Deno.test("the forward's sigmoid is within 2^-22 of the exact sigmoid", async () => {
+  const b = await WasmBackend.create({ threads: 1 });
+  const bound = 2 ** -22;
+  let worst = 0;
+  let worstX = 0;
+  const check = (xs: Float32Array) => {
+    const s = b.mathCheck(SIGMOID_FAST, xs);
+    for (let i = 0; i < xs.length; i++) {
+      const x = xs[i] as number;
+      if (Number.isNaN(x)) continue;
+      const err = Math.abs((s[i] as number) - 1 / (1 + Math.exp(-x)));
+      if (!(err <= worst)) [worst, worstX] = [err, x];
+    }
+  };
+  if (Deno.env.get("MOE_EXHAUSTIVE") === "1") {
+    const chunk = new Uint32Array(1 << 22);
+    for (let start = 0; start < 2 ** 32; start += chunk.length) {
+      for (let i = 0; i < chunk.length; i++) chunk[i] = start + i;
+      check(new Float32Array(chunk.buffer));
+    }
+  } else {
+    check(inputs(() => true));
+    check(Float32Array.from({ length: 64 * 4096 + 1 }, (_, i) => -32 + i / 4096));
+    const f = new Float32Array(1);
+    const u = new Uint32Array(f.buffer);
+    const dense: number[] = [];
+    for (let bits = 0; bits < 2 ** 32; bits += 4099) {
+      u[0] = bits;
+      if (Math.abs(f[0] as number) <= 32) dense.push(f[0] as number);
+    }
+    check(Float32Array.from(dense));
+  }
+  assert.ok(worst <= bound, `|s^ - sigmoid| = ${worst} at x = ${worstX}, above 2^-22`);
+  b.dispose();
+});

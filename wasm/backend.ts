@@ -36,6 +36,8 @@ interface Kernels {
   scratchBytes(E: number, K: number, G: number): number;
   mathCheck: Fn;
   topkForward: Fn;
+  forwardByLogits: Fn;
+  sigmoidOf: Fn;
   routeList: Fn;
   scatterRows: Fn;
   topkBackwardSparse: Fn;
@@ -164,6 +166,8 @@ interface TopkPayload {
   full: Float32Array | null;
   /** The whole intermediate, kept for a caller who reads it later (none when it went to intermediateOut). */
   inter: Float32Array | null;
+  /** Instead of `inter`, where the kernel keyed a sigmoid selection by the logits: a copy of their bytes. */
+  logits: Uint8Array | null;
 }
 
 /**
@@ -198,6 +202,32 @@ function postSoftmaxReader(
         ids.sort();
       }
       for (let j = 0; j < c; j++) out[t * E + (ids[j] as number)] = yasc[t * K + j] as number;
+    }
+    return out;
+  };
+}
+
+/**
+ * A reader of a sigmoid intermediate (T x E) computed from a copy of the
+ * logits' bytes by `k` (a module instance of its own, so that a read between
+ * the awaits of a threaded call does not touch that call's memory), with the
+ * forward's own sigmoid, bit for bit.
+ */
+function sigmoidReader(k: Kernels, logits: Uint8Array, dtype: FloatDType, n: number): () => Float32Array {
+  return () => {
+    const out = new Float32Array(n);
+    const inB = BYTES_OF[dtype];
+    const chunk = 1 << 16;
+    const src = align16(k.heapBase());
+    const dst = align16(src + chunk * inB + 16);
+    const end = dst + chunk * 4 + 16;
+    if (k.memory.buffer.byteLength < end) k.memory.grow(Math.ceil((end - k.memory.buffer.byteLength) / PAGE));
+    const bytes = new Uint8Array(k.memory.buffer);
+    for (let i = 0; i < n; i += chunk) {
+      const m = Math.min(chunk, n - i);
+      bytes.set(logits.subarray(i * inB, (i + m) * inB), src);
+      k.sigmoidOf(src, DT[dtype], m, dst);
+      out.set(new Float32Array(k.memory.buffer, dst, m), i);
     }
     return out;
   };
@@ -258,6 +288,9 @@ export class WasmBackend implements Backend {
   #queue: Promise<unknown> = Promise.resolve();
   #lanes: boolean;
   #laneTokens = 0;
+  /** The instance that computes sigmoid intermediates on demand (sigmoidReader), made on first need. */
+  #reader: Kernels | null = null;
+  #logitsKeyed = 0;
 
   private constructor(k: Kernels, chunkBytes: number, pool: ThreadPool | null, maxBytes: number, lanes: boolean) {
     this.#k = k;
@@ -300,6 +333,11 @@ export class WasmBackend implements Backend {
     return this.#laneTokens;
   }
 
+  /** Test hook: top-k forward calls whose sigmoid selection the kernel keyed by the logits (no intermediate). */
+  get logitsKeyedCalls(): number {
+    return this.#logitsKeyed;
+  }
+
   /** Bytes of linear memory the module holds now. */
   get memoryBytes(): number {
     return this.#k.memory.buffer.byteLength;
@@ -326,7 +364,7 @@ export class WasmBackend implements Backend {
     if (payload instanceof Float32Array) buffers = [payload];
     else if (typeof payload === "object" && payload !== null && "yasc" in payload) {
       const p = payload as TopkPayload;
-      buffers = [p.route, p.yasc, p.full, p.inter === p.full ? null : p.inter];
+      buffers = [p.route, p.yasc, p.full, p.inter === p.full ? null : p.inter, p.logits];
     }
     void this.#serial(() => {
       if (this.#disposed) return;
@@ -509,30 +547,47 @@ export class WasmBackend implements Backend {
     const routeP = route === "int32" ? listP : L.take(n * rB);
     const probsP = dense ? L.take(n * E * inB) : 0;
     this.#ensure(L.end, "fusedTopkWithScoreFunction");
-    // outputs only once the work is known to fit; caller buffers are used as
-    // they are (probs zeroed first where it is scattered into)
-    const probs = (dense ? plan.probsOut : plan.probsOut?.fill(0)) ?? newFloat(dtype, T * E);
-    const probsBits = rawBits(probs);
-    // the intermediate goes to the caller's buffer, or else to the saved state's own (copied out on demand);
-    // post-softmax's (-inf but at the chosen experts) is not kept at all: the routing output and the chosen
-    // values, which the state keeps anyway, give it back on demand
-    const own = plan.intermediateOut === null;
-    const post = own && plan.score === "softmax" && !plan.pre;
-    const intermediate = plan.intermediateOut ??
-      (post ? new Float32Array(0) : new Float32Array(this.#saved.take(T * E * 4)));
-    const routeOut: Uint8Array | IndexArray = plan.indicesOut ?? plan.routingMapOut ?? newRoute(route, T, E, K);
-    const yasc = new Float32Array(this.#saved.take(T * K * 4));
     if (plan.bias) {
       this.#bytes().fill(0, bias, bias + 4 * align16(E));
       this.#put(bias, plan.bias, 0, E);
     }
+    // the intermediate goes to the caller's buffer, or else to the saved state's own (copied out on demand);
+    // post-softmax's (-inf but at the chosen experts) is not kept at all: the routing output and the chosen
+    // values, which the state keeps anyway, give it back on demand; nor is sigmoid's where the kernel keys
+    // the selection by the logits (it then computes only the chosen experts' sigmoid): a copy of the logits
+    // gives it back on demand
+    const own = plan.intermediateOut === null;
+    const post = own && plan.score === "softmax" && !plan.pre;
+    const byLogits = own && plan.score === "sigmoid" && !dense &&
+      k.forwardByLogits(E, K, plan.groupTopk, SCORE.sigmoid, bias) !== 0;
+    if (byLogits) {
+      this.#reader ??= await instantiateKernels();
+      this.#logitsKeyed++;
+    }
+    // outputs only once the work is known to fit; caller buffers are used as
+    // they are (probs zeroed first where it is scattered into)
+    const probs = (dense ? plan.probsOut : plan.probsOut?.fill(0)) ?? newFloat(dtype, T * E);
+    const probsBits = rawBits(probs);
+    const intermediate = plan.intermediateOut ??
+      (post || byLogits ? new Float32Array(0) : new Float32Array(this.#saved.take(T * E * 4)));
+    const routeOut: Uint8Array | IndexArray = plan.indicesOut ?? plan.routingMapOut ?? newRoute(route, T, E, K);
+    const yasc = new Float32Array(this.#saved.take(T * K * 4));
+    const savedLogits = byLogits ? new Uint8Array(this.#saved.take(T * E * inB)) : null;
+    const logitBytes = new Uint8Array(logits.data.buffer, logits.data.byteOffset, T * E * inB);
     const routeElems = isMap(route) ? rB : K;
     const list = new Int32Array(k.memory.buffer, listP, n * K);
     const vals = this.#bits(dtype, valsP, n * K);
     for (let t0 = 0; t0 < T; t0 += n) {
       const m = Math.min(n, T - t0);
       // rows [a, a + rows) of this chunk: copy in, kernel arguments (thread j), copy out
-      const copyIn = (a: number, rows: number) => this.#put(inP + a * E * inB, logits.data, (t0 + a) * E, rows * E);
+      const copyIn = (a: number, rows: number) => {
+        this.#put(inP + a * E * inB, logits.data, (t0 + a) * E, rows * E);
+        // the state's copy of the logits, piece by piece while they are in cache (and, on threads, while the
+        // workers run)
+        if (savedLogits) {
+          savedLogits.set(logitBytes.subarray((t0 + a) * E * inB, (t0 + a + rows) * E * inB), (t0 + a) * E * inB);
+        }
+      };
       const argsFor = (a: number, rows: number, j: number) => [
         inP + a * E * inB,
         DT[dtype],
@@ -555,9 +610,10 @@ export class WasmBackend implements Backend {
         scratch[j] as number,
         dense ? probsP + a * E * inB : 0,
         this.#lanes ? 1 : 0,
+        byLogits ? 1 : 0,
       ];
       const copyOut = (a: number, rows: number, j: number) => {
-        if (!post) this.#get((interP[j] as number) + a * E * 4, intermediate, (t0 + a) * E, rows * E);
+        if (!post && !byLogits) this.#get((interP[j] as number) + a * E * 4, intermediate, (t0 + a) * E, rows * E);
         this.#get(routeP + a * rB, routeOut, (t0 + a) * routeElems, rows * routeElems);
         this.#get(yascP + a * K * 4, yasc, (t0 + a) * K, rows * K);
         if (dense) {
@@ -588,9 +644,14 @@ export class WasmBackend implements Backend {
       route: pooledCopy(this.#saved, routeOut),
       yasc,
       full: plan.score === "softmax" && plan.pre ? (own ? intermediate : pooledCopy(this.#saved, intermediate)) : null,
-      inter: own && !post ? intermediate : null,
+      inter: own && !post && !byLogits ? intermediate : null,
+      logits: savedLogits,
     };
-    const lazy = post ? postSoftmaxReader(payload.route, route, T, E, K, yasc) : copier(intermediate);
+    const lazy = post
+      ? postSoftmaxReader(payload.route, route, T, E, K, yasc)
+      : byLogits
+      ? sigmoidReader(this.#reader as Kernels, payload.logits as Uint8Array, dtype, T * E)
+      : copier(intermediate);
     return { probs, intermediate: own ? lazy : intermediate, route: routeOut, payload };
   }
 

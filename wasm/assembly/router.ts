@@ -569,6 +569,12 @@ function rankCandidates(KEY: usize, CAND: usize, c: i32, K: i32, COMP: usize, CH
 // The filter's per-lane sorted lists, `depth` deep (a constant: the lists
 // live in registers), over KEY[0, E4); returns level D - 1 (D <= depth):
 // each lane's D-th largest key.
+// A key with K keys >= it: the smallest of the per-lane ceil(K / 4)-th largest (K <= 32).
+@inline function laneBound(KEY: usize, E4: i32, K: i32): u32 {
+  const D = (K + 3) >> 2;
+  return hminU(D <= 2 ? laneLists(KEY, E4, D, 2) : D <= 4 ? laneLists(KEY, E4, D, 4) : laneLists(KEY, E4, D, 8));
+}
+
 @inline function laneLists(KEY: usize, E4: i32, D: i32, depth: i32): v128 {
   const z = f32x4.splat(0);
   let l0 = z, l1 = z, l2 = z, l3 = z, l4 = z, l5 = z, l6 = z, l7 = z;
@@ -602,14 +608,20 @@ function selectRadix(KEY: usize, E: i32, K: i32, HIST: usize, CHOSEN: usize, CAN
   let c = E;
   let listed = false;
   if (K <= RADIX_FILTER_K) {
-    const D = (K + 3) >> 2;
-    const T0 = hminU(D <= 2 ? laneLists(KEY, E4, D, 2) : D <= 4 ? laneLists(KEY, E4, D, 4) : laneLists(KEY, E4, D, 8));
+    const T0 = laneBound(KEY, E4, K);
     c = collectAbove(KEY, 0, E4, T0, CAND, 0);
-    if (c <= RANK_MAX) {
-      rankCandidates(KEY, CAND, c, K, HIST, CHOSEN);
-      return;
-    }
     listed = true;
+  }
+  selectRadixOf(KEY, K, HIST, CHOSEN, listed ? CAND : 0, c);
+}
+
+// Phases 1-3 of selectRadix over the c experts listed in CAND (in index
+// order, the top K among them), or over experts 0 .. c - 1 when CAND is 0.
+function selectRadixOf(KEY: usize, K: i32, HIST: usize, CHOSEN: usize, CAND: usize, c: i32): void {
+  const listed = CAND != 0;
+  if (listed && c <= RANK_MAX) {
+    rankCandidates(KEY, CAND, c, K, HIST, CHOSEN);
+    return;
   }
   let prefix: u32 = 0;
   let mask: u32 = 0;
@@ -1220,6 +1232,216 @@ function selectFastTops(
   orderCandidates(KEY, CAND, n, K, COMP, CHOSEN);
 }
 
+// ---- top-k forward: sigmoid from the logits' order -----------------------------
+//
+// sigmoid is increasing, and a bias moves the selection scores r = s + b by
+// at most B = max(b) - min(b); so an expert whose logit is far enough below
+// the K-th largest cannot be chosen, and its sigmoid is never needed. One
+// pass keys the logits and keeps per-lane top-2 lists, whose bound T0 has K
+// logits >= it (as in selectFastTops); T0 gives a logit threshold theta with
+// sigmoid(theta) <= s^(T0) - c, and only the logits >= theta get the exact
+// sigmoid (vsigmoidFast: the same bits as the full pass), r and key; they
+// are ordered by orderCandidates, as in selectFastTops. Why the chosen set
+// and order are those of the full pass: with |s^ - sigmoid| <= DELTA
+// (checked on every float32 in tests/wasm_math_test.ts) and each float32 add
+// of a bias off by at most RHO = 2^-23 (1 + max|b|), an expert e with
+// x_e <= theta has
+//   r_e <= sigmoid(theta) + DELTA + max(b) + RHO
+//       <= s^(T0) - c + DELTA + max(b) + RHO + (rounding of s^ - c)
+//        < sigmoid(T0) - DELTA + min(b) - RHO <= r_j
+// for each of the K experts j with x_j >= T0, since c > B + 3 DELTA + 2 RHO
+// plus that rounding. So K experts beat e strictly, and the chosen K are
+// among the keyed experts, with the full pass's keys. theta comes from a table
+// of logit(i / N), each rounded down, at i = floor(tau N), tau = s^(T0) - c.
+
+const LOGIT_N: i32 = 2048;
+// keys of logit(i / N) rounded down (index 0: 1, a threshold below every
+// logit); filled on first use by each instance (the same words: a benign race
+// on shared memory)
+const LOGIT_KEYS = memory.data(LOGIT_N << 2, 16);
+let logitKeysReady = false;
+const SIG_DELTA: f64 = 4.76837158203125e-7; // 2^-21: every float32 x gives |s^ - sigmoid| < 2^-22 (wasm_math_test)
+
+function logitKeys(): usize {
+  if (logitKeysReady) return LOGIT_KEYS;
+  store<u32>(LOGIT_KEYS, KEY_NAN);
+  const n = f32x4.splat(<f32>LOGIT_N);
+  for (let i = 1; i < LOGIT_N; i++) {
+    // logit(p) = log(w), w = p / (1 - p) (p = i / N and 1 - p are exact); log(w) = -log(1 / w) below 1
+    const p = <f32>i / <f32>LOGIT_N;
+    const w = p / (<f32>1 - p);
+    const big = w >= 1;
+    const l = f32x4.extract_lane(vlogGe1(f32x4.splat(big ? w : <f32>1 / w)), 0);
+    const theta = big ? l : -l;
+    // 1e-5 (1 + |theta|) below: far more than the float32 errors of w and log
+    const low = theta - <f32>1e-5 * (<f32>1 + abs(theta));
+    store<u32>(LOGIT_KEYS + (<usize>i << 2), keyOf(low));
+  }
+  logitKeysReady = true;
+  return LOGIT_KEYS;
+}
+
+// The bias's margin c (see above) for a call, or -1 where the shortcut does
+// not apply (a bias that is not finite, or too wide to rule experts out).
+function sigmoidMargin(bias: usize, E: i32): f32 {
+  let lo: f64 = 0, hi: f64 = 0, big: f64 = 0;
+  if (bias) {
+    lo = Infinity;
+    hi = -Infinity;
+    for (let e = 0; e < E; e++) {
+      const b = <f64>load<f32>(bias + (<usize>e << 2));
+      if (!isFinite(b)) return -1;
+      lo = min(lo, b);
+      hi = max(hi, b);
+      big = max(big, abs(b));
+    }
+  }
+  const rho = (1 + big) * 1.1920928955078125e-7; // 2^-23
+  const c = (hi - lo + 4 * SIG_DELTA + 4 * rho + 9.5367431640625e-7) * (1 + 9.5367431640625e-7);
+  return c < 0.5 ? <f32>c : -1;
+}
+
+// One pass over a token's logits: their keys into XK (pad lanes 0) and
+// their per-lane top-2 lists into TOPS (as fusedPass). Returns whether a
+// logit is NaN (the token then takes the full pass).
+@inline function logitKeysPass(src: usize, E: i32, XK: usize, TOPS: usize): bool {
+  let nan = f32x4.splat(0);
+  let m1 = f32x4.splat(0);
+  let m2 = f32x4.splat(0);
+  let i = 0;
+  for (; i + 4 <= E; i += 4) {
+    const o = <usize>i << 2;
+    const x = v128.load(src + o);
+    const k = v128.xor(x, v128.or(i32x4.shr_s(x, 31), SIGN_BIT()));
+    nan = v128.or(nan, f32x4.ne(x, x));
+    v128.store(XK + o, k);
+    m2 = i32x4.max_u(m2, i32x4.min_u(m1, k));
+    m1 = i32x4.max_u(m1, k);
+  }
+  if (i < E) {
+    const o = <usize>i << 2;
+    const x = v128.load(src + o);
+    const inside = inRow(i, E);
+    const k = v128.and(v128.xor(x, v128.or(i32x4.shr_s(x, 31), SIGN_BIT())), inside);
+    nan = v128.or(nan, v128.and(f32x4.ne(x, x), inside));
+    v128.store(XK + o, k);
+    m2 = i32x4.max_u(m2, i32x4.min_u(m1, k));
+    m1 = i32x4.max_u(m1, k);
+  }
+  v128.store(TOPS, m1);
+  v128.store(TOPS, m2, 16);
+  return v128.any_true(nan);
+}
+
+// Threshold keys for 4 logit keys (lane lists' bounds): the key of a theta
+// with sigmoid(theta) <= s^(x) - c, or 1 (below every logit) where that is
+// <= 0 or x is not a number (a pad key).
+@inline function thetaKeys(bound: v128, c: v128, TAB: usize, dst: usize): void {
+  const tau = f32x4.sub(vsigmoidFast(vfloatOfKey(bound)), c);
+  // tau < 1: i = floor(tau N) <= N - 1; tau <= 0 or NaN: 0
+  const i = i32x4.trunc_sat_f32x4_s(f32x4.mul(f32x4.pmax(tau, f32x4.splat(0)), f32x4.splat(<f32>LOGIT_N)));
+  const i0 = i32x4.min_s(i, i32x4.splat(LOGIT_N - 1));
+  store<u32>(dst, load<u32>(TAB + (<usize>i32x4.extract_lane(i0, 0) << 2)));
+  store<u32>(dst, load<u32>(TAB + (<usize>i32x4.extract_lane(i0, 1) << 2)), 4);
+  store<u32>(dst, load<u32>(TAB + (<usize>i32x4.extract_lane(i0, 2) << 2)), 8);
+  store<u32>(dst, load<u32>(TAB + (<usize>i32x4.extract_lane(i0, 3) << 2)), 12);
+}
+
+// The exact sigmoid, selection score and key of the experts CAND[from, to):
+// s into SR, the key into KEY (as fusedPass writes them). Lanes past `to`
+// repeat CAND[from].
+@inline function keyCandidates(
+  src: usize, bias: usize, CAND: usize, from: i32, to: i32, SR: usize, KEY: usize,
+): void {
+  const first = i32x4.splat(load<i32>(CAND + (<usize>from << 2)));
+  for (let j = from; j < to; j += 4) {
+    const ids = v128.bitselect(v128.load(CAND + (<usize>j << 2)), first, inRow(j, to));
+    const o0 = <usize>i32x4.extract_lane(ids, 0) << 2, o1 = <usize>i32x4.extract_lane(ids, 1) << 2;
+    const o2 = <usize>i32x4.extract_lane(ids, 2) << 2, o3 = <usize>i32x4.extract_lane(ids, 3) << 2;
+    let x = f32x4.splat(load<f32>(src + o0));
+    x = f32x4.replace_lane(x, 1, load<f32>(src + o1));
+    x = f32x4.replace_lane(x, 2, load<f32>(src + o2));
+    x = f32x4.replace_lane(x, 3, load<f32>(src + o3));
+    const sv = vsigmoidFast(x);
+    let k: v128;
+    if (bias) {
+      let b = f32x4.splat(load<f32>(bias + o0));
+      b = f32x4.replace_lane(b, 1, load<f32>(bias + o1));
+      b = f32x4.replace_lane(b, 2, load<f32>(bias + o2));
+      b = f32x4.replace_lane(b, 3, load<f32>(bias + o3));
+      const r = f32x4.add(sv, b);
+      k = v128.xor(r, v128.or(i32x4.shr_s(r, 31), SIGN_BIT()));
+    } else {
+      k = v128.or(sv, SIGN_BIT());
+    }
+    store<f32>(SR + o0, f32x4.extract_lane(sv, 0));
+    store<f32>(SR + o1, f32x4.extract_lane(sv, 1));
+    store<f32>(SR + o2, f32x4.extract_lane(sv, 2));
+    store<f32>(SR + o3, f32x4.extract_lane(sv, 3));
+    store<u32>(KEY + o0, i32x4.extract_lane(k, 0));
+    store<u32>(KEY + o1, i32x4.extract_lane(k, 1));
+    store<u32>(KEY + o2, i32x4.extract_lane(k, 2));
+    store<u32>(KEY + o3, i32x4.extract_lane(k, 3));
+  }
+}
+
+// The margin c of a forward call whose sigmoid selection may go by the
+// logits (selectSigmoidByLogits), or -1: sigmoid, no groups, K <= 32 (the
+// lane lists' reach), rows past SMALL_E (so not the four-token kernel
+// either), and a bias that leaves room (sigmoidMargin).
+function logitsMargin(E: i32, K: i32, GK: i32, fn: i32, bias: usize): f32 {
+  if (fn != SCORE_SIGMOID || GK > 0 || K > RADIX_FILTER_K || E <= SMALL_E) return -1;
+  return sigmoidMargin(bias, E);
+}
+
+/**
+ * Whether topkForward, asked to (byLogits), skips the intermediate: its
+ * sigmoid selection goes by the logits, which leaves the intermediate row
+ * written at the chosen experts only. The host then gets the intermediate
+ * from sigmoidOf. bias: as topkForward's, already in memory.
+ */
+export function forwardByLogits(E: i32, K: i32, GK: i32, fn: i32, bias: usize): bool {
+  return logitsMargin(E, K, GK, fn, bias) >= 0;
+}
+
+/**
+ * The sigmoid intermediate of n logits of dtype dt at src into dst (f32),
+ * bit for bit what the forward's full pass writes (vsigmoidFast). Vectors
+ * may reach 3 elements past n at both ends' regions.
+ */
+export function sigmoidOf(src: usize, dt: i32, n: i32, dst: usize): void {
+  if (dt != DT_F32) {
+    widenRow(src, dt, n, dst);
+    src = dst;
+  }
+  for (let i = 0; i < n; i += 4) {
+    const o = <usize>i << 2;
+    v128.store(dst + o, vsigmoidFast(v128.load(src + o)));
+  }
+}
+
+// Selection of a sigmoid token from its logits (see above), into CHOSEN, the
+// keyed experts' s into SR: the top K of the keyed experts by the naive
+// algorithm's ordering (orderCandidates) or the radix algorithm's
+// (selectRadixOf), the same set and order. Needs no groups, K <= 32 and every
+// logit a number. With groups, keying each group's experts above its own
+// theta (for the group scores) and then the kept groups' above theta cost
+// more than the full pass saved (DeepSeek-V3: 0.96x, bench/kernel_ab.ts), so
+// grouped calls take the full pass. Scratch: XK [E16] (the logits' keys, with
+// TOPS from logitKeysPass), HIST, CAND, COMP as the full pass's selection.
+function selectSigmoidByLogits(
+  src: usize, bias: usize, c: f32, E: i32, K: i32, radix: bool, XK: usize, KEY: usize, SR: usize, TOPS: usize,
+  HIST: usize, CHOSEN: usize, CAND: usize, COMP: usize,
+): void {
+  // K experts have a logit >= T0 (see selectFastTops and laneBound)
+  const T0 = K > 8 ? laneBound(XK, roundUp4(E), K) : hminU(v128.load(TOPS + (K <= 4 ? 0 : 16)));
+  thetaKeys(i32x4.splat(T0), f32x4.splat(c), logitKeys(), COMP);
+  const n = collectAbove(XK, 0, roundUp4(E), load<u32>(COMP), CAND, 0);
+  keyCandidates(src, bias, CAND, 0, n, SR, KEY);
+  if (radix) selectRadixOf(KEY, K, HIST, CHOSEN, CAND, n);
+  else orderCandidates(KEY, CAND, n, K, COMP, CHOSEN);
+}
+
 // ---- top-k forward: small rows ---------------------------------------------------
 //
 // Up to SMALL_E experts without groups (Mixtral: 8, top-2), the filter's
@@ -1342,14 +1564,16 @@ export function topkForward(
   fn: i32, pre: bool, G: i32, GK: i32, scale: f32, bias: usize,
   fmt: i32, radixThreshold: i32,
   vals: usize, list: usize, yasc: usize, inter: usize, route: usize, scratch: usize,
-  probs: usize, lanes: bool,
+  probs: usize, lanes: bool, byLogits: bool,
 ): i32 {
   if (lanes && lanesApply(E, GK, bias)) {
     return forwardLanes(
       logits, dt, T, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vals, list, yasc, inter, route, scratch, probs,
     );
   }
-  forwardRows(logits, dt, T, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vals, list, yasc, inter, route, scratch);
+  forwardRows(
+    logits, dt, T, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vals, list, yasc, inter, route, scratch, byLogits,
+  );
   if (probs) scatterRows(list, vals, T, E, K, dt, probs);
   return 0;
 }
@@ -1396,7 +1620,7 @@ function forwardRows(
   logits: usize, dt: i32, T: i32, E: i32, K: i32,
   fn: i32, pre: bool, G: i32, GK: i32, scale: f32, bias: usize,
   fmt: i32, radixThreshold: i32,
-  vals: usize, list: usize, yasc: usize, inter: usize, route: usize, scratch: usize,
+  vals: usize, list: usize, yasc: usize, inter: usize, route: usize, scratch: usize, byLogits: bool,
 ): void {
   const E4 = roundUp4(E);
   const E16 = roundUp16(E);
@@ -1425,6 +1649,9 @@ function forwardRows(
   const zero = f32x4.splat(0);
 
   const softPost = fn == SCORE_SOFTMAX && !pre;
+  // sigmoid selection from the logits' order (see selectSigmoidByLogits), where the caller does not need the
+  // whole intermediate: margin >= 0
+  const margin = byLogits ? logitsMargin(E, K, GK, fn, bias) : <f32>-1;
   for (let t = 0; t < T; t++) {
     const tt = <usize>t * <usize>E;
     const irow = inter + (tt << 2);
@@ -1441,7 +1668,13 @@ function forwardRows(
     // row comes) or the slack; their pad lanes get KEY_OUT.
     let Sx = S;
     let nan = false;
-    if (fn == SCORE_SOFTMAX && pre) {
+    let picked = false;
+    if (margin >= 0 && !logitKeysPass(src, E, S, TOPS)) {
+      // the logits' keys go to S (free: sigmoid's s is kept in the intermediate row)
+      selectSigmoidByLogits(src, bias, margin, E, K, radix, S, KEY, irow, TOPS, HIST, CHOSEN, CAND, COMP);
+      picked = true;
+      Sx = irow;
+    } else if (fn == SCORE_SOFTMAX && pre) {
       // softmax: max, exp(x - max) and sum, then divide (in the keyed pass)
       let mv = NEG_INF();
       for (let i = 0; i < E4; i += 4) {
@@ -1497,7 +1730,9 @@ function forwardRows(
     if (nan) fixKeys(Sx, fn == SCORE_SOFTMAX ? 0 : bias, E, KEY, track, ngroups, gsize, TOPS);
     for (let i = E4; i < E16; i += 4) v128.store(KEY + (<usize>i << 2), f32x4.splat(0));
     // select: group limit, then top-K (naive or radix: identical sets)
-    if (small) {
+    if (picked) {
+      // done above
+    } else if (small) {
       selectSmall(KEY, E, K, CAND, CHOSEN);
     } else if (track) {
       selectFastTops(KEY, E, K, G, GK, TOPS, CHOSEN, GROUP, CAND, COMP);
@@ -2077,7 +2312,7 @@ function forwardLanes(
     const prow = probs ? probs + tE * inB : 0;
     if (!loadLanes(src, dt, E, X4, XT)) {
       // a logit that is not finite: these four tokens take the row kernel
-      forwardRows(src, dt, 4, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vrow, lrow, yrow, irow, rrow, scratch);
+      forwardRows(src, dt, 4, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vrow, lrow, yrow, irow, rrow, scratch, false);
       if (probs) scatterRows(lrow, vrow, 4, E, K, dt, prow);
       continue;
     }
@@ -2092,7 +2327,7 @@ function forwardLanes(
     const tK = <usize>t * <usize>K;
     forwardRows(
       logits + tE * inB, dt, T - t, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold,
-      vals + tK * inB, list + (tK << 2), yasc + (tK << 2), inter + (tE << 2), route + <usize>t * routeB, scratch,
+      vals + tK * inB, list + (tK << 2), yasc + (tK << 2), inter + (tE << 2), route + <usize>t * routeB, scratch, false,
     );
     if (probs) scatterRows(list + (tK << 2), vals + tK * inB, T - t, E, K, dt, probs + tE * inB);
   }

@@ -610,7 +610,7 @@ export class WasmBackend implements Backend {
         scratch[j] as number,
         dense ? probsP + a * E * inB : 0,
         this.#lanes ? 1 : 0,
-        byLogits ? 1 : 0,
+        byLogits || post ? 1 : 0, // the host makes the intermediate itself
       ];
       const copyOut = (a: number, rows: number, j: number) => {
         if (!post && !byLogits) this.#get((interP[j] as number) + a * E * 4, intermediate, (t0 + a) * E, rows * E);

@@ -1395,7 +1395,7 @@ function logitsMargin(E: i32, K: i32, GK: i32, fn: i32, bias: usize): f32 {
 }
 
 /**
- * Whether topkForward, asked to (byLogits), skips the intermediate: its
+ * Whether topkForward, asked to (hostInter), skips the intermediate: its
  * sigmoid selection goes by the logits, which leaves the intermediate row
  * written at the chosen experts only. The host then gets the intermediate
  * from sigmoidOf. bias: as topkForward's, already in memory.
@@ -1557,14 +1557,18 @@ function readRoute(fmt: i32, E: i32, K: i32, route: usize, M: usize): void {
  * backward needs. bias = 0: none. For int32 indices, route may be list
  * itself (the same values). lanes: small rows may take the four-token
  * kernel (see forwardLanes; same bits); false keeps every token on the row
- * kernel (a test hook). Returns how many tokens the four-token kernel took.
+ * kernel (a test hook). hostInter: the host makes the intermediate itself
+ * (from the logits, or post-softmax's from the routing output), so the row
+ * kernel need not write it: sigmoid may then go by the logits (see
+ * forwardByLogits), and post-softmax leaves the row out. Returns how many
+ * tokens the four-token kernel took.
  */
 export function topkForward(
   logits: usize, dt: i32, T: i32, E: i32, K: i32,
   fn: i32, pre: bool, G: i32, GK: i32, scale: f32, bias: usize,
   fmt: i32, radixThreshold: i32,
   vals: usize, list: usize, yasc: usize, inter: usize, route: usize, scratch: usize,
-  probs: usize, lanes: bool, byLogits: bool,
+  probs: usize, lanes: bool, hostInter: bool,
 ): i32 {
   if (lanes && lanesApply(E, GK, bias)) {
     return forwardLanes(
@@ -1572,7 +1576,7 @@ export function topkForward(
     );
   }
   forwardRows(
-    logits, dt, T, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vals, list, yasc, inter, route, scratch, byLogits,
+    logits, dt, T, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vals, list, yasc, inter, route, scratch, hostInter,
   );
   if (probs) scatterRows(list, vals, T, E, K, dt, probs);
   return 0;
@@ -1620,7 +1624,7 @@ function forwardRows(
   logits: usize, dt: i32, T: i32, E: i32, K: i32,
   fn: i32, pre: bool, G: i32, GK: i32, scale: f32, bias: usize,
   fmt: i32, radixThreshold: i32,
-  vals: usize, list: usize, yasc: usize, inter: usize, route: usize, scratch: usize, byLogits: bool,
+  vals: usize, list: usize, yasc: usize, inter: usize, route: usize, scratch: usize, hostInter: bool,
 ): void {
   const E4 = roundUp4(E);
   const E16 = roundUp16(E);
@@ -1651,7 +1655,7 @@ function forwardRows(
   const softPost = fn == SCORE_SOFTMAX && !pre;
   // sigmoid selection from the logits' order (see selectSigmoidByLogits), where the caller does not need the
   // whole intermediate: margin >= 0
-  const margin = byLogits ? logitsMargin(E, K, GK, fn, bias) : <f32>-1;
+  const margin = hostInter ? logitsMargin(E, K, GK, fn, bias) : <f32>-1;
   for (let t = 0; t < T; t++) {
     const tt = <usize>t * <usize>E;
     const irow = inter + (tt << 2);
@@ -1746,12 +1750,26 @@ function forwardRows(
       // softmax over the K chosen logits, max-subtracted
       let m: f32 = -Infinity;
       for (let k = 0; k < K; k++) m = max(m, load<f32>(Sx + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2)));
-      let sum: f32 = 0;
-      for (let k = 0; k < K; k++) {
+      // exp(x - m) 4 at a time where every lane is <= 0 (vexpLut: NativeMathf.exp's bits there), else one by
+      // one (NaN, or m infinite); then summed in selection order
+      const mv = f32x4.splat(m);
+      let k = 0;
+      for (; k + 4 <= K; k += 4) {
+        const c = CHOSEN + (<usize>k << 2);
+        let x = f32x4.splat(load<f32>(Sx + (<usize>load<i32>(c) << 2)));
+        x = f32x4.replace_lane(x, 1, load<f32>(Sx + (<usize>load<i32>(c, 4) << 2)));
+        x = f32x4.replace_lane(x, 2, load<f32>(Sx + (<usize>load<i32>(c, 8) << 2)));
+        x = f32x4.replace_lane(x, 3, load<f32>(Sx + (<usize>load<i32>(c, 12) << 2)));
+        const d = f32x4.sub(x, mv);
+        if (!i32x4.all_true(f32x4.le(d, f32x4.splat(0)))) break;
+        v128.store(VAL + (<usize>k << 2), vexpLut(d));
+      }
+      for (; k < K; k++) {
         const v = NativeMathf.exp(load<f32>(Sx + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2)) - m);
         store<f32>(VAL + (<usize>k << 2), v);
-        sum += v;
       }
+      let sum: f32 = 0;
+      for (let k = 0; k < K; k++) sum += load<f32>(VAL + (<usize>k << 2));
       divideVals(VAL, K, sum);
     } else {
       // the unbiased score, taken directly (summed in selection order); sigmoid / sqrtsoftplus normalise when K > 1
@@ -1785,10 +1803,11 @@ function forwardRows(
       store<i32>(lrow + (<usize>k << 2), load<i32>(CHOSEN + (<usize>k << 2)));
       storeAs(vals + tk * inB, k, dt, load<f32>(VAL + (<usize>k << 2)) * scale);
     }
-    // write: intermediate (post-softmax: -inf but at the chosen experts; the
-    // others were written by the score pass)
+    // write: intermediate (post-softmax: -inf but at the chosen experts, the
+    // -inf left out where the host makes the intermediate itself; the others
+    // were written by the score pass)
     if (softPost) {
-      for (let i = 0; i < E4; i += 4) v128.store(irow + (<usize>i << 2), NEG_INF());
+      if (!hostInter) for (let i = 0; i < E4; i += 4) v128.store(irow + (<usize>i << 2), NEG_INF());
       for (let k = 0; k < K; k++) store<f32>(irow + (<usize>load<i32>(CHOSEN + (<usize>k << 2)) << 2), load<f32>(VAL + (<usize>k << 2)));
     }
     writeRoute(fmt, E, K, CHOSEN, route + <usize>t * routeB);

@@ -624,6 +624,29 @@ Deno.test("the backward is bit-identical for bytemap, bitmap_u8 and dense int16/
       });
     }
   }
+  await t.step("WebAssembly: the ids the forward saves give the backward of the routing output read back", async () => {
+    // the sparse backward takes the chosen experts from the forward's ascending list; without it, it reads them
+    // back from the saved routing output (routeList), as for any format
+    const b = await WasmBackend.create({ threads: 1 });
+    const { planTopk } = await import("../_validate.ts");
+    for (const score of SCORES) {
+      for (const K of [1, 8, 20]) {
+        const { lib } = optionsOf({ E: 300, K, score, bias: true }, rng);
+        const logits = f32(normals(rng, T * 300), [T, 300]);
+        const grad = f32(normals(rng, T * 300), [T, 300]);
+        for (const [name, layout] of routeLayouts(T, K)) {
+          const plan = planTopk(logits, { ...lib, ...layout });
+          const out = await b.topkForward(plan, logits);
+          const ids = (out.payload as { ids?: Int32Array | null }).ids;
+          assert.strictEqual(ids instanceof Int32Array, !(score === "softmax-pre"), `${score} ${name}: ids saved`);
+          const withIds = await b.topkBackward(plan, out.payload, grad);
+          const fromRoute = await b.topkBackward(plan, { ...(out.payload as object), ids: null }, grad);
+          assertBitIdentical(withIds, fromRoute, `${score} K=${K} ${name}: gradient from the saved ids vs the route`);
+        }
+      }
+    }
+    b.dispose();
+  });
   await t.step("aux scores: bytemap vs bitmap_u8", async () => {
     for (const scoreFunction of ["softmax", "sigmoid", "sqrtsoftplus"] as const) {
       const logits = f32(normals(rng, T * E), [T, E]);

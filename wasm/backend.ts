@@ -162,6 +162,8 @@ interface TopkPayload {
   route: Uint8Array | IndexArray;
   /** The intermediate at each token's chosen experts, ascending expert order (T x K). */
   yasc: Float32Array;
+  /** Where the sparse backward runs: those experts, ascending (T x K), so that it need not read them from `route`. */
+  ids?: Int32Array | null;
   /** Pre-softmax only: the whole intermediate (every expert gets a gradient). */
   full: Float32Array | null;
   /** The whole intermediate, kept for a caller who reads it later (none when it went to intermediateOut). */
@@ -364,7 +366,7 @@ export class WasmBackend implements Backend {
     if (payload instanceof Float32Array) buffers = [payload];
     else if (typeof payload === "object" && payload !== null && "yasc" in payload) {
       const p = payload as TopkPayload;
-      buffers = [p.route, p.yasc, p.full, p.inter === p.full ? null : p.inter, p.logits];
+      buffers = [p.route, p.yasc, p.ids ?? null, p.full, p.inter === p.full ? null : p.inter, p.logits];
     }
     void this.#serial(() => {
       if (this.#disposed) return;
@@ -546,6 +548,9 @@ export class WasmBackend implements Backend {
     // int32 indices are the list itself: the kernel writes them over it (same values), no second region to fill
     const routeP = route === "int32" ? listP : L.take(n * rB);
     const probsP = dense ? L.take(n * E * inB) : 0;
+    // the chosen experts in ascending order, for the sparse backward (see topkBackward)
+    const sparseBackward = !(plan.score === "softmax" && plan.pre) && !dense;
+    const ascP = sparseBackward ? L.take(n * K * 4) : 0;
     this.#ensure(L.end, "fusedTopkWithScoreFunction");
     if (plan.bias) {
       this.#bytes().fill(0, bias, bias + 4 * align16(E));
@@ -572,6 +577,7 @@ export class WasmBackend implements Backend {
       (post || byLogits ? new Float32Array(0) : new Float32Array(this.#saved.take(T * E * 4)));
     const routeOut: Uint8Array | IndexArray = plan.indicesOut ?? plan.routingMapOut ?? newRoute(route, T, E, K);
     const yasc = new Float32Array(this.#saved.take(T * K * 4));
+    const ids = sparseBackward ? new Int32Array(this.#saved.take(T * K * 4)) : null;
     const savedLogits = byLogits ? new Uint8Array(this.#saved.take(T * E * inB)) : null;
     const logitBytes = new Uint8Array(logits.data.buffer, logits.data.byteOffset, T * E * inB);
     const routeElems = isMap(route) ? rB : K;
@@ -611,11 +617,13 @@ export class WasmBackend implements Backend {
         dense ? probsP + a * E * inB : 0,
         this.#lanes ? 1 : 0,
         byLogits || post ? 1 : 0, // the host makes the intermediate itself
+        ascP ? ascP + a * K * 4 : 0,
       ];
       const copyOut = (a: number, rows: number, j: number) => {
         if (!post && !byLogits) this.#get((interP[j] as number) + a * E * 4, intermediate, (t0 + a) * E, rows * E);
         this.#get(routeP + a * rB, routeOut, (t0 + a) * routeElems, rows * routeElems);
         this.#get(yascP + a * K * 4, yasc, (t0 + a) * K, rows * K);
+        if (ids) this.#get(ascP + a * K * 4, ids, (t0 + a) * K, rows * K);
         if (dense) {
           this.#get(probsP + a * E * inB, probs, (t0 + a) * E, rows * E);
           return;
@@ -643,6 +651,7 @@ export class WasmBackend implements Backend {
     const payload: TopkPayload = {
       route: pooledCopy(this.#saved, routeOut),
       yasc,
+      ids,
       full: plan.score === "softmax" && plan.pre ? (own ? intermediate : pooledCopy(this.#saved, intermediate)) : null,
       inter: own && !post && !byLogits ? intermediate : null,
       logits: savedLogits,
@@ -699,8 +708,11 @@ export class WasmBackend implements Backend {
     const routeElems = isMap(route) ? rB : K;
     for (let t0 = 0; t0 < T; t0 += n) {
       const m = Math.min(n, T - t0);
-      this.#put(routeP, saved.route, t0 * routeElems, m * routeElems);
-      k.routeList(ROUTE[route], m, E, K, routeP, listP, listScratch);
+      if (saved.ids) this.#put(listP, saved.ids, t0 * K, m * K);
+      else {
+        this.#put(routeP, saved.route, t0 * routeElems, m * routeElems);
+        k.routeList(ROUTE[route], m, E, K, routeP, listP, listScratch);
+      }
       this.#put(yvP, saved.yasc, t0 * K, m * K);
       const list = new Int32Array(k.memory.buffer, listP, m * K);
       const gv = this.#bits(dtype, gvP, m * K);

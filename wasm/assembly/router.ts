@@ -878,7 +878,7 @@ function limitGroups(
 // `distinct`) equal at an earlier position; pad lanes hold i32.MAX. No
 // branch depends on the ids, where an insertion sort's inner loop would
 // mispredict about once an id. ids needs 16 readable bytes past its K ids.
-@inline function placeAscending(ids: usize, K: i32, distinct: bool, from: usize, dst: usize): void {
+@inline function placeAscending(ids: usize, K: i32, distinct: bool, from: usize, dst: usize, idsDst: usize = 0): void {
   const big = i32x4.splat(i32.MAX_VALUE);
   const c0 = v128.bitselect(v128.load(ids), big, inRow(0, K));
   const c1 = K > 4 ? v128.bitselect(v128.load(ids, 16), big, inRow(4, K)) : big;
@@ -897,6 +897,7 @@ function limitGroups(
     const h = i32x4.add(c, i32x4.shuffle(c, c, 2, 3, 0, 1));
     const place = <usize>(-(i32x4.extract_lane(h, 0) + i32x4.extract_lane(h, 1))) << 2;
     store<i32>(dst + place, from ? load<i32>(from + (<usize>e << 2)) : e);
+    if (idsDst) store<i32>(idsDst + place, e);
   }
 }
 
@@ -1560,15 +1561,17 @@ function readRoute(fmt: i32, E: i32, K: i32, route: usize, M: usize): void {
  * kernel (a test hook). hostInter: the host makes the intermediate itself
  * (from the logits, or post-softmax's from the routing output), so the row
  * kernel need not write it: sigmoid may then go by the logits (see
- * forwardByLogits), and post-softmax leaves the row out. Returns how many
- * tokens the four-token kernel took.
+ * forwardByLogits), and post-softmax leaves the row out. asc (0: none; the
+ * row kernel only): the chosen experts in ascending order (T x K i32), the
+ * order of yasc, which spares the sparse backward reading them back from
+ * the routing output. Returns how many tokens the four-token kernel took.
  */
 export function topkForward(
   logits: usize, dt: i32, T: i32, E: i32, K: i32,
   fn: i32, pre: bool, G: i32, GK: i32, scale: f32, bias: usize,
   fmt: i32, radixThreshold: i32,
   vals: usize, list: usize, yasc: usize, inter: usize, route: usize, scratch: usize,
-  probs: usize, lanes: bool, hostInter: bool,
+  probs: usize, lanes: bool, hostInter: bool, asc: usize,
 ): i32 {
   if (lanes && lanesApply(E, GK, bias)) {
     return forwardLanes(
@@ -1577,6 +1580,7 @@ export function topkForward(
   }
   forwardRows(
     logits, dt, T, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vals, list, yasc, inter, route, scratch, hostInter,
+    asc,
   );
   if (probs) scatterRows(list, vals, T, E, K, dt, probs);
   return 0;
@@ -1625,6 +1629,7 @@ function forwardRows(
   fn: i32, pre: bool, G: i32, GK: i32, scale: f32, bias: usize,
   fmt: i32, radixThreshold: i32,
   vals: usize, list: usize, yasc: usize, inter: usize, route: usize, scratch: usize, hostInter: bool,
+  asc: usize,
 ): void {
   const E4 = roundUp4(E);
   const E16 = roundUp16(E);
@@ -1816,8 +1821,9 @@ function forwardRows(
     // of the chosen over E (in a local up to 64 experts, else in KEY, free
     // now), read out word by word
     const yrow = yasc + (tk << 2);
+    const arow = asc ? asc + (tk << 2) : 0;
     if (K <= 16) {
-      placeAscending(CHOSEN, K, true, irow, yrow);
+      placeAscending(CHOSEN, K, true, irow, yrow, arow);
       continue;
     }
     if (E <= 64) {
@@ -1825,7 +1831,9 @@ function forwardRows(
       for (let k = 0; k < K; k++) bits |= <u64>1 << <u64>load<i32>(CHOSEN + (<usize>k << 2));
       let c = 0;
       while (bits) {
-        store<f32>(yrow + (<usize>c << 2), load<f32>(irow + (<usize>ctz(bits) << 2)));
+        const e = <i32>ctz(bits);
+        store<f32>(yrow + (<usize>c << 2), load<f32>(irow + (<usize>e << 2)));
+        if (arow) store<i32>(arow + (<usize>c << 2), e);
         c++;
         bits &= bits - 1;
       }
@@ -1844,6 +1852,7 @@ function forwardRows(
       while (bits) {
         const e = (w << 6) + <i32>ctz(bits);
         store<f32>(yrow + (<usize>c << 2), load<f32>(irow + (<usize>e << 2)));
+        if (arow) store<i32>(arow + (<usize>c << 2), e);
         c++;
         bits &= bits - 1;
       }
@@ -2331,7 +2340,7 @@ function forwardLanes(
     const prow = probs ? probs + tE * inB : 0;
     if (!loadLanes(src, dt, E, X4, XT)) {
       // a logit that is not finite: these four tokens take the row kernel
-      forwardRows(src, dt, 4, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vrow, lrow, yrow, irow, rrow, scratch, false);
+      forwardRows(src, dt, 4, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold, vrow, lrow, yrow, irow, rrow, scratch, false, 0);
       if (probs) scatterRows(lrow, vrow, 4, E, K, dt, prow);
       continue;
     }
@@ -2346,7 +2355,7 @@ function forwardLanes(
     const tK = <usize>t * <usize>K;
     forwardRows(
       logits + tE * inB, dt, T - t, E, K, fn, pre, G, GK, scale, bias, fmt, radixThreshold,
-      vals + tK * inB, list + (tK << 2), yasc + (tK << 2), inter + (tE << 2), route + <usize>t * routeB, scratch, false,
+      vals + tK * inB, list + (tK << 2), yasc + (tK << 2), inter + (tE << 2), route + <usize>t * routeB, scratch, false, 0,
     );
     if (probs) scatterRows(list + (tK << 2), vals + tK * inB, T - t, E, K, dt, probs + tE * inB);
   }

@@ -177,3 +177,38 @@ Deno.test("sigmoid keyed by the logits is taken where it applies, and only there
   );
   b.dispose();
 });
+
+Deno.test("small calls before and after a call that starts the workers give the one-thread bits", async () => {
+  // worker instances start with the first big call and write the module's data segments into the shared memory
+  // again: anything the kernels keep in static memory must survive that (a table of logits filled on first use did
+  // not: after a big grouped call, which starts the workers but never fills it, a small call read zeros)
+  const one = await createRouter({ backend: "wasm", threads: 1 });
+  const two = await createRouter({ backend: "wasm", threads: 2 });
+  const rng = mulberry32(99);
+  const E = 255; // pad lanes past E: what a zeroed threshold would have let in
+  const bias = biasTensor(new Float32Array(E).map(() => normal(rng) * 0.01));
+  // 1000 x 255 stays on the calling thread (below MIN_PARALLEL_ELEMENTS); 4096 x 255 starts the workers
+  const calls: Array<[number, Partial<TopkOptions>]> = [
+    [1000, {}],
+    [4096, { numGroups: 5, groupTopk: 2 }],
+    [1000, {}],
+    [4096, {}],
+    [1000, {}],
+  ];
+  for (const [i, [T, extra]] of calls.entries()) {
+    const logits: FloatTensor = {
+      data: new Float32Array(T * E).map(() => normal(rng)),
+      shape: [T, E],
+      dtype: "float32",
+    };
+    const options: TopkOptions = { topk: 8, scoreFunction: "sigmoid", expertBias: bias, indexDtype: "int32", ...extra };
+    const a = await one.fusedTopkWithScoreFunction(logits, options);
+    const b = await two.fusedTopkWithScoreFunction(logits, options);
+    assertBitIdentical(b.indices!.data, a.indices!.data, `call ${i} (T = ${T}): indices`);
+    assertBitIdentical(b.probs.data, a.probs.data, `call ${i} (T = ${T}): probs`);
+    a.saved.release();
+    b.saved.release();
+  }
+  one.dispose();
+  two.dispose();
+});

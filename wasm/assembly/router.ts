@@ -1252,35 +1252,14 @@ function selectFastTops(
 //        < sigmoid(T0) - DELTA + min(b) - RHO <= r_j
 // for each of the K experts j with x_j >= T0, since c > B + 3 DELTA + 2 RHO
 // plus that rounding. So K experts beat e strictly, and the chosen K are
-// among the keyed experts, with the full pass's keys. theta comes from a table
-// of logit(i / N), each rounded down, at i = floor(tau N), tau = s^(T0) - c.
+// among the keyed experts, with the full pass's keys. theta = logit(tau),
+// tau = s^(T0) - c, computed in float32 and lowered (see thetaKey). (A
+// table of logits in a static region would not do: each worker's instance
+// writes the module's data segments into the shared memory again when it
+// starts, zeros included.)
 
-const LOGIT_N: i32 = 2048;
-// keys of logit(i / N) rounded down (index 0: 1, a threshold below every
-// logit); filled on first use by each instance (the same words: a benign race
-// on shared memory)
-const LOGIT_KEYS = memory.data(LOGIT_N << 2, 16);
-let logitKeysReady = false;
 const SIG_DELTA: f64 = 4.76837158203125e-7; // 2^-21: every float32 x gives |s^ - sigmoid| < 2^-22 (wasm_math_test)
 
-function logitKeys(): usize {
-  if (logitKeysReady) return LOGIT_KEYS;
-  store<u32>(LOGIT_KEYS, KEY_NAN);
-  const n = f32x4.splat(<f32>LOGIT_N);
-  for (let i = 1; i < LOGIT_N; i++) {
-    // logit(p) = log(w), w = p / (1 - p) (p = i / N and 1 - p are exact); log(w) = -log(1 / w) below 1
-    const p = <f32>i / <f32>LOGIT_N;
-    const w = p / (<f32>1 - p);
-    const big = w >= 1;
-    const l = f32x4.extract_lane(vlogGe1(f32x4.splat(big ? w : <f32>1 / w)), 0);
-    const theta = big ? l : -l;
-    // 1e-5 (1 + |theta|) below: far more than the float32 errors of w and log
-    const low = theta - <f32>1e-5 * (<f32>1 + abs(theta));
-    store<u32>(LOGIT_KEYS + (<usize>i << 2), keyOf(low));
-  }
-  logitKeysReady = true;
-  return LOGIT_KEYS;
-}
 
 // The bias's margin c (see above) for a call, or -1 where the shortcut does
 // not apply (a bias that is not finite, or too wide to rule experts out).
@@ -1334,18 +1313,22 @@ function sigmoidMargin(bias: usize, E: i32): f32 {
   return v128.any_true(nan);
 }
 
-// Threshold keys for 4 logit keys (lane lists' bounds): the key of a theta
-// with sigmoid(theta) <= s^(x) - c, or 1 (below every logit) where that is
-// <= 0 or x is not a number (a pad key).
-@inline function thetaKeys(bound: v128, c: v128, TAB: usize, dst: usize): void {
-  const tau = f32x4.sub(vsigmoidFast(vfloatOfKey(bound)), c);
-  // tau < 1: i = floor(tau N) <= N - 1; tau <= 0 or NaN: 0
-  const i = i32x4.trunc_sat_f32x4_s(f32x4.mul(f32x4.pmax(tau, f32x4.splat(0)), f32x4.splat(<f32>LOGIT_N)));
-  const i0 = i32x4.min_s(i, i32x4.splat(LOGIT_N - 1));
-  store<u32>(dst, load<u32>(TAB + (<usize>i32x4.extract_lane(i0, 0) << 2)));
-  store<u32>(dst, load<u32>(TAB + (<usize>i32x4.extract_lane(i0, 1) << 2)), 4);
-  store<u32>(dst, load<u32>(TAB + (<usize>i32x4.extract_lane(i0, 2) << 2)), 8);
-  store<u32>(dst, load<u32>(TAB + (<usize>i32x4.extract_lane(i0, 3) << 2)), 12);
+// The threshold key of a logit key T0 (K logits >= it): the key of theta =
+// logit(tau), tau = s^(x) - c, lowered by 1e-5 (1 + |theta|), far more than
+// the float32 errors of w = tau / (1 - tau) (1 - tau is exact from 0.5 up)
+// and of its log, so that sigmoid(theta) <= tau; or 1 (below every logit)
+// where tau is below 2^-20 or x is not a number (a pad key).
+@inline function thetaKey(T0: u32, c: f32): u32 {
+  const tau = f32x4.sub(vsigmoidFast(vfloatOfKey(i32x4.splat(T0))), f32x4.splat(c));
+  const one = ONE();
+  const w = f32x4.div(tau, f32x4.sub(one, tau));
+  // log(w) = -log(1 / w) below 1 (vlogGe1 takes w >= 1)
+  const big = f32x4.ge(w, one);
+  const l = vlogGe1(v128.bitselect(w, f32x4.div(one, w), big));
+  const theta = v128.bitselect(l, f32x4.neg(l), big);
+  const low = f32x4.sub(theta, f32x4.mul(f32x4.splat(1e-5), f32x4.add(one, f32x4.abs(theta))));
+  const key = v128.xor(low, v128.or(i32x4.shr_s(low, 31), SIGN_BIT()));
+  return f32x4.extract_lane(tau, 0) >= <f32>9.5367431640625e-7 ? <u32>i32x4.extract_lane(key, 0) : KEY_NAN;
 }
 
 // The exact sigmoid, selection score and key of the experts CAND[from, to):
@@ -1436,8 +1419,7 @@ function selectSigmoidByLogits(
 ): void {
   // K experts have a logit >= T0 (see selectFastTops and laneBound)
   const T0 = K > 8 ? laneBound(XK, roundUp4(E), K) : hminU(v128.load(TOPS + (K <= 4 ? 0 : 16)));
-  thetaKeys(i32x4.splat(T0), f32x4.splat(c), logitKeys(), COMP);
-  const n = collectAbove(XK, 0, roundUp4(E), load<u32>(COMP), CAND, 0);
+  const n = collectAbove(XK, 0, roundUp4(E), thetaKey(T0, c), CAND, 0);
   keyCandidates(src, bias, CAND, 0, n, SR, KEY);
   if (radix) selectRadixOf(KEY, K, HIST, CHOSEN, CAND, n);
   else orderCandidates(KEY, CAND, n, K, COMP, CHOSEN);

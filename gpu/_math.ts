@@ -88,6 +88,10 @@ fn msoftplus(x: f32) -> f32 {
 // may compute sqrt(v) as v * inversesqrt(v), which is NaN for both (the
 // H200 ranked +inf logits as NaN before this)
 fn msqrtsoftplus(x: f32) -> f32 {
+  // below -20, softplus(x) = exp(x) to float32 precision: sqrt of it is exp(x / 2) (as the WebAssembly kernels
+  // compute it), which also keeps it from log1p, whose (1 + u) - 1 some GPU compilers fold to u (llvmpipe gave 0
+  // for x = -22.5)
+  if (x < -SOFTPLUS_LINEAR) { return mexp(x * 0.5); }
   let sp = msoftplus(x);
   let bits = bitcast<u32>(sp);
   if (bits == 0u || bits == 0x7f800000u) { return sp; }

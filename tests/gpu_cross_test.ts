@@ -38,6 +38,33 @@ const GRID: GridCase[] = [
 ];
 
 Deno.test({
+  name: "sqrtsoftplus far below 0 is exp(x / 2) on webgpu as on wasm, not 0",
+  ignore: !hasGpu,
+  async fn() {
+    // below -20 both backends take exp(x / 2); before, webgpu went through log1p(exp(x)), whose (1 + u) - 1 the
+    // GPU compiler folded to u, and gave 0 (fuzz seed 566: x = -22.5)
+    const gpu = await createRouter({ backend: "webgpu" });
+    const cpu = await createRouter({ backend: "wasm" });
+    try {
+      const T = 64;
+      const x = Float32Array.from({ length: T }, (_, t) => -20.5 - t * 2);
+      const logits: FloatTensor = { data: x, shape: [T, 1], dtype: "float32" };
+      const options = { topk: 1, scoreFunction: "sqrtsoftplus" as const };
+      const a = await gpu.fusedTopkWithScoreFunction(logits, options);
+      const b = await cpu.fusedTopkWithScoreFunction(logits, options);
+      // within the cross tolerance: the GPU's exp is not bit for bit the WebAssembly one everywhere (1 ulp on llvmpipe)
+      assertClose(a.probs.data as Float32Array, b.probs.data as Float32Array, CROSS_TOLERANCE.float32, "probs");
+      for (let t = 0; t < T; t++) {
+        assert.ok((a.probs.data as Float32Array)[t]! > 0, `x = ${x[t]}: sqrtsoftplus > 0 on webgpu`);
+      }
+    } finally {
+      gpu.dispose();
+      cpu.dispose();
+    }
+  },
+});
+
+Deno.test({
   name: "the webgpu backend chooses the same experts as wasm and agrees on values and gradients",
   ignore: !hasGpu,
   async fn(t) {

@@ -88,10 +88,11 @@ fn msoftplus(x: f32) -> f32 {
 // may compute sqrt(v) as v * inversesqrt(v), which is NaN for both (the
 // H200 ranked +inf logits as NaN before this)
 fn msqrtsoftplus(x: f32) -> f32 {
-  // below -20, softplus(x) = exp(x) to float32 precision: sqrt of it is exp(x / 2) (as the WebAssembly kernels
-  // compute it), which also keeps it from log1p, whose (1 + u) - 1 some GPU compilers fold to u (llvmpipe gave 0
-  // for x = -22.5)
-  if (x < -SOFTPLUS_LINEAR) { return mexp(x * 0.5); }
+  // below -16, softplus(x) = exp(x) (1 - exp(x) / 2 ...) and sqrt of it is exp(x / 2) within 3e-8 relative (the
+  // WebAssembly kernels take exp(x / 2) below -20, log1p above); this keeps x from log1p where 1 + exp(x) rounds
+  // to 1 (below -16.6), whose (1 + u) - 1 the GPU compiler folds to u: log(1) * (u / u) = 0 (llvmpipe, x = -22.5
+  // and x = -17)
+  if (x < -16.0) { return mexp(x * 0.5); }
   let sp = msoftplus(x);
   let bits = bitcast<u32>(sp);
   if (bits == 0u || bits == 0x7f800000u) { return sp; }

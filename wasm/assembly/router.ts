@@ -1260,7 +1260,6 @@ function selectFastTops(
 
 const SIG_DELTA: f64 = 4.76837158203125e-7; // 2^-21: every float32 x gives |s^ - sigmoid| < 2^-22 (wasm_math_test)
 
-
 // The bias's margin c (see above) for a call, or -1 where the shortcut does
 // not apply (a bias that is not finite, or too wide to rule experts out).
 function sigmoidMargin(bias: usize, E: i32): f32 {

@@ -1280,35 +1280,47 @@ function sigmoidMargin(bias: usize, E: i32): f32 {
   return c < 0.5 ? <f32>c : -1;
 }
 
-// One pass over a token's logits: their keys into XK (pad lanes 0) and
-// their per-lane top-2 lists into TOPS (as fusedPass). Returns whether a
-// logit is NaN (the token then takes the full pass).
-@inline function logitKeysPass(src: usize, E: i32, XK: usize, TOPS: usize): bool {
-  let nan = f32x4.splat(0);
-  let m1 = f32x4.splat(0);
-  let m2 = f32x4.splat(0);
-  let i = 0;
-  for (; i + 4 <= E; i += 4) {
+// One pass over a token's logits: their keys into XK (pad lanes 0) and,
+// into TOPS, a vector whose smallest lane is a key with K logits at or above
+// it: the per-lane ceil(K / 4)-th largest keys, from per-lane lists kept in
+// the same pass (depth 2 up to K = 8, as fusedPass; else 8, as laneLists).
+// Returns whether a logit is NaN (the token then takes the full pass).
+@inline function logitKeysPass(src: usize, E: i32, K: i32, XK: usize, TOPS: usize): bool {
+  return K <= 8 ? logitKeysLists(src, E, K, XK, TOPS, 2) : logitKeysLists(src, E, K, XK, TOPS, 8);
+}
+
+@inline function logitKeysLists(src: usize, E: i32, K: i32, XK: usize, TOPS: usize, depth: i32): bool {
+  const z = f32x4.splat(0);
+  let nan = z;
+  let l0 = z, l1 = z, l2 = z, l3 = z, l4 = z, l5 = z, l6 = z, l7 = z;
+  for (let i = 0; i < E; i += 4) {
     const o = <usize>i << 2;
     const x = v128.load(src + o);
-    const k = v128.xor(x, v128.or(i32x4.shr_s(x, 31), SIGN_BIT()));
-    nan = v128.or(nan, f32x4.ne(x, x));
-    v128.store(XK + o, k);
-    m2 = i32x4.max_u(m2, i32x4.min_u(m1, k));
-    m1 = i32x4.max_u(m1, k);
+    let v = v128.xor(x, v128.or(i32x4.shr_s(x, 31), SIGN_BIT()));
+    let bad = f32x4.ne(x, x);
+    if (i + 4 > E) {
+      // the row's last, partial vector: lanes past E get key 0
+      const inside = inRow(i, E);
+      v = v128.and(v, inside);
+      bad = v128.and(bad, inside);
+    }
+    nan = v128.or(nan, bad);
+    v128.store(XK + o, v);
+    let m = l0; l0 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+    if (depth == 2) {
+      l1 = i32x4.max_u(l1, v);
+      continue;
+    }
+    m = l1; l1 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+    m = l2; l2 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+    m = l3; l3 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+    m = l4; l4 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+    m = l5; l5 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+    m = l6; l6 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+    l7 = i32x4.max_u(l7, v);
   }
-  if (i < E) {
-    const o = <usize>i << 2;
-    const x = v128.load(src + o);
-    const inside = inRow(i, E);
-    const k = v128.and(v128.xor(x, v128.or(i32x4.shr_s(x, 31), SIGN_BIT())), inside);
-    nan = v128.or(nan, v128.and(f32x4.ne(x, x), inside));
-    v128.store(XK + o, k);
-    m2 = i32x4.max_u(m2, i32x4.min_u(m1, k));
-    m1 = i32x4.max_u(m1, k);
-  }
-  v128.store(TOPS, m1);
-  v128.store(TOPS, m2, 16);
+  const D = (K + 3) >> 2;
+  v128.store(TOPS, D == 1 ? l0 : D == 2 ? l1 : D == 3 ? l2 : D == 4 ? l3 : D == 5 ? l4 : D == 6 ? l5 : D == 7 ? l6 : l7);
   return v128.any_true(nan);
 }
 
@@ -1416,8 +1428,8 @@ function selectSigmoidByLogits(
   src: usize, bias: usize, c: f32, E: i32, K: i32, radix: bool, XK: usize, KEY: usize, SR: usize, TOPS: usize,
   HIST: usize, CHOSEN: usize, CAND: usize, COMP: usize,
 ): void {
-  // K experts have a logit >= T0 (see selectFastTops and laneBound)
-  const T0 = K > 8 ? laneBound(XK, roundUp4(E), K) : hminU(v128.load(TOPS + (K <= 4 ? 0 : 16)));
+  // K experts have a logit >= T0 (see logitKeysPass)
+  const T0 = hminU(v128.load(TOPS));
   const n = collectAbove(XK, 0, roundUp4(E), thetaKey(T0, c), CAND, 0);
   keyCandidates(src, bias, CAND, 0, n, SR, KEY);
   if (radix) selectRadixOf(KEY, K, HIST, CHOSEN, CAND, n);
@@ -1659,7 +1671,7 @@ function forwardRows(
     let Sx = S;
     let nan = false;
     let picked = false;
-    if (margin >= 0 && !logitKeysPass(src, E, S, TOPS)) {
+    if (margin >= 0 && !logitKeysPass(src, E, K, S, TOPS)) {
       // the logits' keys go to S (free: sigmoid's s is kept in the intermediate row)
       selectSigmoidByLogits(src, bias, margin, E, K, radix, S, KEY, irow, TOPS, HIST, CHOSEN, CAND, COMP);
       picked = true;

@@ -579,7 +579,6 @@ export class WasmBackend implements Backend {
     const yasc = new Float32Array(this.#saved.take(T * K * 4));
     const ids = sparseBackward ? new Int32Array(this.#saved.take(T * K * 4)) : null;
     const savedLogits = byLogits ? new Uint8Array(this.#saved.take(T * E * inB)) : null;
-    const logitBytes = new Uint8Array(logits.data.buffer, logits.data.byteOffset, T * E * inB);
     const routeElems = isMap(route) ? rB : K;
     const list = new Int32Array(k.memory.buffer, listP, n * K);
     const vals = this.#bits(dtype, valsP, n * K);
@@ -590,9 +589,8 @@ export class WasmBackend implements Backend {
         this.#put(inP + a * E * inB, logits.data, (t0 + a) * E, rows * E);
         // the state's copy of the logits, piece by piece while they are in cache (and, on threads, while the
         // workers run)
-        if (savedLogits) {
-          savedLogits.set(logitBytes.subarray((t0 + a) * E * inB, (t0 + a + rows) * E * inB), (t0 + a) * E * inB);
-        }
+        const at = (t0 + a) * E * inB;
+        savedLogits?.set(new Uint8Array(logits.data.buffer, logits.data.byteOffset + at, rows * E * inB), at);
       };
       const argsFor = (a: number, rows: number, j: number) => [
         inP + a * E * inB,

@@ -12,6 +12,37 @@ export interface Job {
   args: number[];
 }
 
+/**
+ * Pieces of a batch that threads take in turn (see {@linkcode ThreadPool.session}):
+ * `pieces[p]` is the arguments of kernel `fn` for piece p on this worker, and
+ * `ctl` the byte offset in the shared memory of the control words
+ * (CTL_WORDS, then one per piece).
+ */
+export interface PiecesJob {
+  fn: string;
+  pieces: number[][];
+
+  ctl: number;
+  /** The value the worker stores in a piece's word when the piece is done (never 0). */
+  who: number;
+}
+
+// Control words of a PiecesJob, as int32 indices: the calling thread
+// publishes how many pieces are copied in (READY: workers wait on it) and
+// may set ABORT; every thread takes the next piece from NEXT; a worker adds
+// 1 to EXITED when it stops, which the calling thread sees sooner than the
+// worker's reply.
+/** Pieces ready to run (copied in). */
+export const CTL_READY = 0;
+/** The next piece to take. */
+export const CTL_NEXT = 1;
+/** Nonzero: stop taking pieces. */
+export const CTL_ABORT = 2;
+/** Workers that have stopped taking pieces (each adds 1 as it leaves; the job's reply comes later). */
+export const CTL_EXITED = 3;
+/** Control words before the per-piece words. */
+export const CTL_WORDS = 4;
+
 /** Workers end after this long without work (the next big call starts them again). */
 export const IDLE_MS = 2000;
 
@@ -19,11 +50,28 @@ export const IDLE_MS = 2000;
 // Node (eval'd CommonJS): require("node:worker_threads").parentPort.
 const WORKER_SOURCE = `
 const port = typeof require === "function" ? require("node:worker_threads").parentPort : self;
-let k;
+let k, memory;
 const handle = (m) => {
   if (m.module) {
-    k = new WebAssembly.Instance(m.module, { env: { memory: m.memory } }).exports;
+    memory = m.memory;
+    k = new WebAssembly.Instance(m.module, { env: { memory } }).exports;
     port.postMessage(-1);
+    return;
+  }
+  if (m.pieces) {
+    const ctl = new Int32Array(memory.buffer, m.ctl, ${CTL_WORDS} + m.pieces.length);
+    for (;;) {
+      const p = Atomics.add(ctl, ${CTL_NEXT}, 1);
+      if (p >= m.pieces.length) break;
+      let r = Atomics.load(ctl, ${CTL_READY});
+      for (let spin = 0; r <= p && spin < 20000; spin++) r = Atomics.load(ctl, ${CTL_READY});
+      for (; r <= p; r = Atomics.load(ctl, ${CTL_READY})) Atomics.wait(ctl, ${CTL_READY}, r);
+      if (Atomics.load(ctl, ${CTL_ABORT}) !== 0) break;
+      k[m.fn](...m.pieces[p]);
+      Atomics.store(ctl, ${CTL_WORDS} + p, m.who);
+    }
+    Atomics.add(ctl, ${CTL_EXITED}, 1);
+    port.postMessage(m.id);
     return;
   }
   k[m.fn](...m.args);
@@ -178,16 +226,20 @@ export class ThreadPool {
    * Gives `work` the workers for a while: post(w, job) queues a job on
    * worker w (w < size) and resolves when it is done; jobs on one worker run
    * in the order they were posted, so the caller can hand out a batch in
-   * pieces and take each piece's results as soon as it is done. Resolves
-   * with work's result once it settles (work must await every job it posts).
+   * pieces and take each piece's results as soon as it is done. A
+   * PiecesJob instead has the worker take pieces of a batch from the shared
+   * control words until none is left (it waits, in Atomics.wait, for each
+   * piece it takes to be ready), marking each done there; it resolves once
+   * the worker has stopped. Resolves with work's result once it settles
+   * (work must await every job it posts).
    */
-  async session<R>(work: (post: (w: number, job: Job) => Promise<void>) => Promise<R>): Promise<R> {
+  async session<R>(work: (post: (w: number, job: Job | PiecesJob) => Promise<void>) => Promise<R>): Promise<R> {
     if (this.#closed) throw new Error("the WebAssembly backend was disposed");
     clearTimeout(this.#idle);
     const threads = await this.#start();
     try {
       return await work(async (w, job) => {
-        await (threads[w] as Thread).call({ id: ++this.#seq, fn: job.fn, args: job.args });
+        await (threads[w] as Thread).call({ id: ++this.#seq, ...job });
       });
     } finally {
       this.#armIdle();

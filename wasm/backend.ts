@@ -25,7 +25,17 @@ import { type AuxLossPlan, type AuxScoresPlan, type RouteFormat, routeRowBytes, 
 import type { FloatDType, FloatTensor, IndexArray, RoutingMapFormat, Tensor } from "../_types.ts";
 import { ARRAY_OF, BYTES_OF } from "../tensor.ts";
 import { ROUTER_WASM_BASE64, ROUTER_WASM_SHARED_BASE64, SHARED_MAX_PAGES } from "./_router_wasm.ts";
-import { hardwareThreads, type Job, ThreadPool, threadsAvailable } from "./_threads.ts";
+import {
+  CTL_ABORT,
+  CTL_EXITED,
+  CTL_NEXT,
+  CTL_READY,
+  CTL_WORDS,
+  hardwareThreads,
+  type Job,
+  ThreadPool,
+  threadsAvailable,
+} from "./_threads.ts";
 
 type Fn = (...args: number[]) => number;
 
@@ -58,6 +68,12 @@ const ROUTE: Record<RouteFormat, number> = { bytemap: 0, bitmap_u8: 1, int16: 2,
 /** Default bytes of token data (inputs and outputs) per chunk of tokens. */
 export const DEFAULT_CHUNK_BYTES = 16 << 20;
 /**
+ * The default with worker threads: each chunk boundary stops the workers
+ * while this thread takes the last pieces out and copies the next chunk's
+ * first pieces in, so fewer, bigger chunks (DeepSeek-V3's 8192 tokens: one).
+ */
+export const DEFAULT_THREADED_CHUNK_BYTES = 32 << 20;
+/**
  * Up to this many experts, the top-k forward's probs and the sparse backward's gradProbs and gradLogits cross the
  * module's boundary as dense rows, gathered and scattered by the kernels (Mixtral, 8192 x 8 top-2: the forward
  * 1.16x faster than with the scatter here; the backward, in one kernel, 2x faster than in four passes).
@@ -67,14 +83,29 @@ export const DENSE_ROWS_E = 16;
 const LANES_BACKWARD_SCRATCH = 1280;
 /** Below this many token x expert elements a call stays on one thread (a worker round trip costs ~0.2 ms). */
 export const MIN_PARALLEL_ELEMENTS = 1 << 18;
+/** Token x expert elements of a piece of a threaded chunk (128 KiB of float32 logits: a fraction of a millisecond of kernel). */
+const PIECE_ELEMENTS = 1 << 15;
+/** How long the calling thread spins for the workers' last pieces before it awaits their replies. */
+const SPIN_MS = 2;
+
 /**
- * What copying a token in and out costs the calling thread, in kernel time
- * per token (measured for DeepSeek-V3 on 2 cores: about 0.2): the share of a
- * pipelined chunk that the calling thread runs itself is smaller by that.
+ * The pieces [a, rows) of a threaded chunk of m tokens on W workers and this
+ * thread (see WasmBackend's #pipeline): PIECE_ELEMENTS each, at least 8
+ * pieces, and smaller ones at the end (each a share of what is left, down to
+ * an eighth), so that the threads finish close together.
  */
-const SHARE_OF_COPIES = 0.2;
-/** Pieces a worker's share of a pipelined chunk is cut into (its results are taken as each completes). */
-const PIECES = 8;
+export function pieceRanges(m: number, E: number, W: number): Array<[number, number]> {
+  const size = Math.max(1, Math.min(Math.ceil(m / 8), Math.ceil(PIECE_ELEMENTS / E)));
+  const least = Math.ceil(size / 8);
+  const out: Array<[number, number]> = [];
+  for (let a = 0; a < m;) {
+    const rows = Math.min(m - a, size, Math.max(least, Math.ceil((m - a) / (2 * (W + 1)))));
+    out.push([a, rows]);
+    a += rows;
+  }
+  return out;
+}
+
 // wasm32 addresses: the module can never hold more than this
 const MAX_MEMORY = 4 * 1024 * 1024 * 1024 - 65536;
 const PAGE = 65536;
@@ -143,7 +174,10 @@ class Layout {
 
 /** Options of the WebAssembly backend. */
 export interface WasmBackendOptions {
-  /** Bytes of token data per chunk; batches beyond it are cut into chunks of tokens. */
+  /**
+   * Bytes of token data per chunk; batches beyond it are cut into chunks of tokens (default: 16 MiB on one
+   * thread, 32 MiB with workers).
+   */
   chunkBytes?: number;
   /** Threads for big batches (default: the hardware threads); 1 = no workers. */
   threads?: number;
@@ -241,7 +275,9 @@ function sigmoidReader(k: Kernels, logits: Uint8Array, dtype: FloatDType, n: num
  * on first touch: on the CI VM, whose balloon driver returns freed pages to
  * the host, a new 256 KiB array costs 0.8 ms to fill, a reused one nothing;
  * a DeepSeek-V3 forward saves three of them (the routing output, the chosen
- * values, the intermediate).
+ * values, the intermediate). (Never SharedArrayBuffers, which would let
+ * workers copy their pieces out: Deno's garbage collector does not count
+ * them, so states dropped without release() piled up, 2 MiB a call.)
  */
 class SavedBuffers {
   #free = new Map<number, ArrayBuffer[]>();
@@ -308,13 +344,13 @@ export class WasmBackend implements Backend {
    * variant, and big batches are split across worker threads.
    */
   static async create(options: WasmBackendOptions = {}): Promise<WasmBackend> {
-    const chunkBytes = options.chunkBytes ?? DEFAULT_CHUNK_BYTES;
     const threads = options.threads ?? await hardwareThreads();
     const lanes = options.lanes ?? true;
     if (!Number.isInteger(threads) || threads < 1 || threads > MAX_THREADS) {
       throw new RangeError(`threads must be an integer in [1, ${MAX_THREADS}], got ${threads}`);
     }
     if (threads > 1 && threadsAvailable()) {
+      const chunkBytes = options.chunkBytes ?? DEFAULT_THREADED_CHUNK_BYTES;
       const module = await compile("shared");
       const memory = new WebAssembly.Memory({ initial: 16, maximum: SHARED_MAX_PAGES, shared: true });
       const instance = await WebAssembly.instantiate(module, { env: { memory } });
@@ -322,6 +358,7 @@ export class WasmBackend implements Backend {
       const pool = new ThreadPool(module, memory, threads - 1);
       return new WasmBackend(k, chunkBytes, pool, SHARED_MAX_PAGES * PAGE, lanes);
     }
+    const chunkBytes = options.chunkBytes ?? DEFAULT_CHUNK_BYTES;
     return new WasmBackend(await instantiateKernels(), chunkBytes, null, MAX_MEMORY, lanes);
   }
 
@@ -334,6 +371,19 @@ export class WasmBackend implements Backend {
   get laneTokens(): number {
     return this.#laneTokens;
   }
+
+  /** Test hook: pieces of threaded top-k forwards that workers ran (see #pipeline). */
+  get workerPieces(): number {
+    return this.#workerPieces;
+  }
+
+  /** Test hook: pieces of threaded top-k forwards that the calling thread ran. */
+  get ownPieces(): number {
+    return this.#ownPieces;
+  }
+
+  #workerPieces = 0;
+  #ownPieces = 0;
 
   /** Test hook: top-k forward calls whose sigmoid selection the kernel keyed by the logits (no intermediate). */
   get logitsKeyedCalls(): number {
@@ -409,51 +459,93 @@ export class WasmBackend implements Backend {
     return out;
   }
 
-  // One chunk of m tokens on this thread and the workers, pipelined so that
-  // this thread's copies overlap the workers' kernels: the workers' rows are
-  // copied in first, piece by piece, each piece queued on its worker as soon
-  // as it is in; then this thread copies in and runs its own share, copies
-  // its results out, and takes each worker piece's results as it completes.
-  // This thread's share is smaller than a worker's by what its copies cost
-  // (SHARE_OF_COPIES, in kernel time per token). Pieces: rows [a, a + rows)
-  // on thread j (0: this one).
+  // One chunk of m tokens on this thread and the workers. The chunk is cut
+  // into pieces (pieceRanges) that the threads take in turn from shared
+  // control words at `ctl` (see PiecesJob), so the split follows whatever
+  // each thread really does: this thread alone can copy the caller's arrays
+  // in and out, and it does so between pieces of its own, copying pieces in
+  // a little ahead of the workers (which wait for them) and taking results
+  // out as they come. `start` runs once the workers have pieces to work on
+  // (the call's output allocation: off the workers' critical path). Pieces:
+  // rows [a, a + rows); thread j (0: this one) runs job(a, rows, j).
   async #pipeline(
     pool: ThreadPool,
     m: number,
+    E: number,
+    ctl: number,
+    start: () => void,
     copyIn: (a: number, rows: number) => void,
     job: (a: number, rows: number, j: number) => Job,
     copyOut: (a: number, rows: number, j: number) => void,
   ): Promise<void> {
-    const W = Math.min(pool.size, m - 1);
-    const own = Math.max(1, Math.round(m * Math.max(0, 1 / W - SHARE_OF_COPIES) / (1 + 1 / W)));
-    const per = Math.ceil((m - own) / W);
-    const pieces: Array<[number, number, number]> = []; // [a, rows, worker]
-    const size = Math.max(1, Math.ceil(per / PIECES));
-    for (let p = 0; p < PIECES; p++) {
-      for (let w = 0; w < W; w++) {
-        const a = own + w * per + p * size;
-        const end = Math.min(own + (w + 1) * per, m);
-        if (a < end) pieces.push([a, Math.min(size, end - a), w]);
+    const W = pool.size;
+    const ranges = pieceRanges(m, E, W);
+    const n = ranges.length;
+    const words = new Int32Array(this.#k.memory.buffer, ctl, CTL_WORDS + n);
+    words.fill(0);
+    const fn = job(0, 0, 0).fn;
+    const local = this.#k[fn as keyof Kernels] as Fn;
+    let ready = 0; // pieces copied in
+    const lead = () => {
+      copyIn(...(ranges[ready] as [number, number]));
+      Atomics.store(words, CTL_READY, ++ready);
+      Atomics.notify(words, CTL_READY);
+    };
+    const taken = new Uint8Array(n); // results copied out
+    let low = 0; // every piece below is taken
+    const drain = () => {
+      for (let p = low; p < n; p++) {
+        if (taken[p]) continue;
+        const who = Atomics.load(words, CTL_WORDS + p);
+        if (who === 0) continue;
+        copyOut(...(ranges[p] as [number, number]), who - 1);
+        taken[p] = 1;
+        if (who === 1) this.#ownPieces++;
+        else this.#workerPieces++;
       }
-    }
+      while (low < n && taken[low]) low++;
+    };
     await pool.session(async (post) => {
-      const done = pieces.map(([a, rows, w]) => {
-        copyIn(a, rows);
-        return post(w, job(a, rows, w + 1));
-      });
+      const loops = Array.from(
+        { length: W },
+        (_, w) => post(w, { fn, pieces: ranges.map(([a, rows]) => job(a, rows, w + 1).args), ctl, who: w + 2 }),
+      );
       try {
-        copyIn(0, own);
-        const local = job(0, own, 0);
-        (this.#k[local.fn as keyof Kernels] as Fn)(...local.args);
-        copyOut(0, own, 0);
-        for (let i = 0; i < pieces.length; i++) {
-          await done[i];
-          const [a, rows, w] = pieces[i] as [number, number, number];
-          copyOut(a, rows, w + 1);
+        // enough pieces for the workers to run while this thread allocates
+        while (ready < Math.min(n, 4 * W + 1)) lead();
+        start();
+        for (;;) {
+          drain();
+          const next = Atomics.load(words, CTL_NEXT);
+          if (next >= n) break;
+          // pieces ready for the workers even after this thread takes one:
+          // a worker that has to wait loses the time its wake-up takes
+          if (ready < n && ready - next < 2 * W + 1) {
+            lead();
+            continue;
+          }
+          const p = Atomics.add(words, CTL_NEXT, 1);
+          if (p >= n) break;
+          while (ready <= p) lead();
+          local(...job(...(ranges[p] as [number, number]), 0).args);
+          Atomics.store(words, CTL_WORDS + p, 1);
         }
-      } finally {
-        await Promise.allSettled(done);
+        // a worker may still wait for pieces it has taken
+        while (ready < n) lead();
+      } catch (e) {
+        Atomics.store(words, CTL_ABORT, 1);
+        Atomics.store(words, CTL_READY, n);
+        Atomics.notify(words, CTL_READY);
+        await Promise.allSettled(loops);
+        throw e;
       }
+      // the workers' last pieces: their exit (shared memory) is seen sooner
+      // than their replies; the replies are still awaited when the workers
+      // are slow, which also surfaces a worker's failure
+      const deadline = performance.now() + SPIN_MS;
+      while (Atomics.load(words, CTL_EXITED) < W && performance.now() < deadline) drain();
+      if (Atomics.load(words, CTL_EXITED) < W) await Promise.all(loops);
+      drain();
     });
   }
 
@@ -551,6 +643,10 @@ export class WasmBackend implements Backend {
     // the chosen experts in ascending order, for the sparse backward (see topkBackward)
     const sparseBackward = !(plan.score === "softmax" && plan.pre) && !dense;
     const ascP = sparseBackward ? L.take(n * K * 4) : 0;
+    // the control words of a threaded chunk's pieces (the last chunk may be smaller, and be cut differently)
+    const last = T - (Math.ceil(T / n) - 1) * n;
+    const pieces = this.#pool ? Math.max(...[n, last].map((m) => pieceRanges(m, E, this.threads - 1).length)) : 0;
+    const ctlP = this.#pool === null ? 0 : L.take(4 * (CTL_WORDS + pieces));
     this.#ensure(L.end, "fusedTopkWithScoreFunction");
     if (plan.bias) {
       this.#bytes().fill(0, bias, bias + 4 * align16(E));
@@ -569,13 +665,23 @@ export class WasmBackend implements Backend {
       this.#reader ??= await instantiateKernels();
       this.#logitsKeyed++;
     }
-    // outputs only once the work is known to fit; caller buffers are used as
-    // they are (probs zeroed first where it is scattered into)
-    const probs = (dense ? plan.probsOut : plan.probsOut?.fill(0)) ?? newFloat(dtype, T * E);
-    const probsBits = rawBits(probs);
+    // outputs only once the work is known to fit, and (on threads) once the
+    // workers have pieces to work on, since a new [T, E] array costs the
+    // calling thread a while; caller buffers are used as they are (probs
+    // zeroed first where it is scattered into)
+    const allocate = () => {
+      const probs = (dense ? plan.probsOut : plan.probsOut?.fill(0)) ?? newFloat(dtype, T * E);
+      const routeOut = plan.indicesOut ?? plan.routingMapOut ?? newRoute(route, T, E, K);
+      return { probs, probsBits: rawBits(probs), routeOut: routeOut as Uint8Array | IndexArray };
+    };
+    let outs: ReturnType<typeof allocate> | null = null;
+    const start = () => {
+      outs ??= allocate();
+    };
+    // the saved state
+    const ours = plan.intermediateOut === null && !post && !byLogits;
     const intermediate = plan.intermediateOut ??
-      (post || byLogits ? new Float32Array(0) : new Float32Array(this.#saved.take(T * E * 4)));
-    const routeOut: Uint8Array | IndexArray = plan.indicesOut ?? plan.routingMapOut ?? newRoute(route, T, E, K);
+      (ours ? new Float32Array(this.#saved.take(T * E * 4)) : new Float32Array(0));
     const yasc = new Float32Array(this.#saved.take(T * K * 4));
     const ids = sparseBackward ? new Int32Array(this.#saved.take(T * K * 4)) : null;
     const savedLogits = byLogits ? new Uint8Array(this.#saved.take(T * E * inB)) : null;
@@ -618,6 +724,7 @@ export class WasmBackend implements Backend {
         ascP ? ascP + a * K * 4 : 0,
       ];
       const copyOut = (a: number, rows: number, j: number) => {
+        const { routeOut, probs, probsBits } = outs as NonNullable<typeof outs>;
         if (!post && !byLogits) this.#get((interP[j] as number) + a * E * 4, intermediate, (t0 + a) * E, rows * E);
         this.#get(routeP + a * rB, routeOut, (t0 + a) * routeElems, rows * routeElems);
         this.#get(yascP + a * K * 4, yasc, (t0 + a) * K, rows * K);
@@ -633,6 +740,7 @@ export class WasmBackend implements Backend {
         }
       };
       if (this.#pool === null || m * E < MIN_PARALLEL_ELEMENTS || m < 2) {
+        start();
         copyIn(0, m);
         this.#laneTokens += (k.topkForward as Fn)(...argsFor(0, m, 0));
         copyOut(0, m, 0);
@@ -640,12 +748,17 @@ export class WasmBackend implements Backend {
         await this.#pipeline(
           this.#pool,
           m,
+          E,
+          ctlP,
+          start,
           copyIn,
           (a, rows, j) => ({ fn: "topkForward", args: argsFor(a, rows, j) }),
           copyOut,
         );
       }
     }
+    start(); // T = 0: no chunk
+    const { routeOut, probs } = outs as unknown as NonNullable<typeof outs>;
     const payload: TopkPayload = {
       route: pooledCopy(this.#saved, routeOut),
       yasc,

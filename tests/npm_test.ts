@@ -69,6 +69,33 @@ const TSCONFIG = {
   files: ["consumer.ts"],
 };
 
+// A DeepSeek-V3-like batch (2^20 elements: worker threads) through the
+// package in Node, on 2 threads against 1: worker_threads with eval, and the
+// workers' mailboxes, including a call after they went back to their event
+// loops (PARK_MS).
+const NODE_THREADS = `
+import { createRouter } from "moe-router";
+const T = 4096, E = 256;
+const data = new Float32Array(T * E);
+let s = 1;
+for (let i = 0; i < data.length; i++) { s = (Math.imul(s, 1103515245) + 12345) >>> 0; data[i] = s / 2 ** 31 - 1; }
+const logits = { data, shape: [T, E], dtype: "float32" };
+const options = { topk: 8, scoreFunction: "sigmoid", numGroups: 8, groupTopk: 4, indexDtype: "int32" };
+const one = await createRouter({ backend: "wasm", threads: 1 });
+const two = await createRouter({ backend: "wasm", threads: 2 });
+const want = await one.fusedTopkWithScoreFunction(logits, options);
+const same = (a, b) => a.length === b.length && a.every((x, i) => Object.is(x, b[i]));
+let ok = 0;
+for (let i = 0; i < 3; i++) {
+  const got = await two.fusedTopkWithScoreFunction(logits, options);
+  if (same(got.probs.data, want.probs.data) && same(got.indices.data, want.indices.data)) ok++;
+  await new Promise((r) => setTimeout(r, i === 0 ? 250 : 0));
+}
+console.log("identical: " + ok + " calls");
+one.dispose();
+two.dispose();
+`;
+
 Deno.test({
   name: "the npm tarball installs offline and runs in Node and Deno, matching the golden vectors",
   async fn(t) {
@@ -124,6 +151,12 @@ Deno.test({
         console.log(
           `node ${version}: ${checked} golden cases match; float16 skipped (no Float16Array): ${skipped.length}`,
         );
+      });
+
+      await t.step("Node runs a big batch on worker threads, with the bits of one thread", async () => {
+        await Deno.writeTextFile(`${project}/threads.mjs`, NODE_THREADS);
+        const out = await run("node", ["threads.mjs"], project);
+        assert.match(out, /^identical: 3 calls$/m, out);
       });
 
       await t.step("Deno routes the golden cases through the package from node_modules", async () => {

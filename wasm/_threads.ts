@@ -46,44 +46,104 @@ export const CTL_WORDS = 4;
 /** Workers end after this long without work (the next big call starts them again). */
 export const IDLE_MS = 2000;
 
+// Each worker has a mailbox in the shared memory, so that a job reaches a
+// worker that has just finished one without a message: a message wakes a
+// worker's event loop a few tenths of a millisecond late, while a worker
+// that waits in Atomics.wait on its mailbox wakes at once. After a job the
+// worker waits there (it is "parked") for up to PARK_MS, then goes back to
+// its event loop. Int32 words: STATE (LOOP: in its event loop, or running a
+// job that came as a message; PARKED; JOB: a job is in the mailbox, or
+// running) and MSGS (messages posted to it and not yet taken: while there
+// are any, the calling thread posts messages and the worker does not park,
+// so jobs run in the order they were posted). From byte 16, float64s: the
+// job (export index, id, kind, ctl, who, pieces, arguments per piece, then
+// the arguments).
+const MB_STATE = 0;
+const MB_MSGS = 1;
+const LOOP = 0;
+const PARKED = 1;
+const JOB = 2;
+const MB_HEADER = 7;
+/** Bytes of each worker's mailbox. */
+export const MAILBOX_BYTES = 64 << 10;
+/** How long a worker waits on its mailbox after a job before it goes back to its event loop. */
+const PARK_MS = 100;
+
 // The worker's whole program. Deno / browsers: `self` with onmessage;
 // Node (eval'd CommonJS): require("node:worker_threads").parentPort.
 const WORKER_SOURCE = `
 const port = typeof require === "function" ? require("node:worker_threads").parentPort : self;
-let k, memory;
+let k, memory, fns, mb, st;
+// the pieces loop of a PiecesJob (see PiecesJob); argsOf(p): piece p's arguments
+const pieces = (fn, n, argsOf, at, who) => {
+  const ctl = new Int32Array(memory.buffer, at, ${CTL_WORDS} + n);
+  for (;;) {
+    const p = Atomics.add(ctl, ${CTL_NEXT}, 1);
+    if (p >= n) break;
+    let r = Atomics.load(ctl, ${CTL_READY});
+    for (let spin = 0; r <= p && spin < 20000; spin++) r = Atomics.load(ctl, ${CTL_READY});
+    for (; r <= p; r = Atomics.load(ctl, ${CTL_READY})) Atomics.wait(ctl, ${CTL_READY}, r);
+    if (Atomics.load(ctl, ${CTL_ABORT}) !== 0) break;
+    k[fn](...argsOf(p));
+    Atomics.store(ctl, ${CTL_WORDS} + p, who);
+  }
+  return ctl;
+};
+// a job is over: parked before the calling thread can see it (EXITED, then the reply)
+const over = (id, ctl) => {
+  Atomics.store(st, ${MB_STATE}, ${PARKED});
+  if (ctl) Atomics.add(ctl, ${CTL_EXITED}, 1);
+  port.postMessage(id);
+};
+const fromMailbox = () => {
+  const h = new Float64Array(memory.buffer, mb + 16, ${MB_HEADER});
+  const [fi, id, kind, at, who, n, per] = h;
+  const args = new Float64Array(memory.buffer, mb + 16 + ${MB_HEADER * 8}, n * per);
+  const argsOf = (p) => args.subarray(p * per, (p + 1) * per);
+  if (kind === 0) {
+    k[fns[fi]](...argsOf(0));
+    over(id, null);
+  } else over(id, pieces(fns[fi], n, argsOf, at, who));
+};
+const park = () => {
+  for (;;) {
+    if (Atomics.load(st, ${MB_MSGS}) === 0) Atomics.wait(st, ${MB_STATE}, ${PARKED}, ${PARK_MS});
+    // leave unless a job came (messages waiting, the time is up, or the calling thread sent us back)
+    if (Atomics.compareExchange(st, ${MB_STATE}, ${PARKED}, ${LOOP}) !== ${JOB}) return;
+    fromMailbox();
+  }
+};
 const handle = (m) => {
   if (m.module) {
     memory = m.memory;
     k = new WebAssembly.Instance(m.module, { env: { memory } }).exports;
-    port.postMessage(-1);
+    fns = WebAssembly.Module.exports(m.module).filter((e) => e.kind === "function").map((e) => e.name);
+    mb = m.mailbox;
+    st = new Int32Array(memory.buffer, mb, 2);
+    over(-1, null);
+    park();
     return;
   }
-  if (m.pieces) {
-    const ctl = new Int32Array(memory.buffer, m.ctl, ${CTL_WORDS} + m.pieces.length);
-    for (;;) {
-      const p = Atomics.add(ctl, ${CTL_NEXT}, 1);
-      if (p >= m.pieces.length) break;
-      let r = Atomics.load(ctl, ${CTL_READY});
-      for (let spin = 0; r <= p && spin < 20000; spin++) r = Atomics.load(ctl, ${CTL_READY});
-      for (; r <= p; r = Atomics.load(ctl, ${CTL_READY})) Atomics.wait(ctl, ${CTL_READY}, r);
-      if (Atomics.load(ctl, ${CTL_ABORT}) !== 0) break;
-      k[m.fn](...m.pieces[p]);
-      Atomics.store(ctl, ${CTL_WORDS} + p, m.who);
-    }
-    Atomics.add(ctl, ${CTL_EXITED}, 1);
-    port.postMessage(m.id);
-    return;
+  Atomics.sub(st, ${MB_MSGS}, 1);
+  if (m.pieces) over(m.id, pieces(m.fn, m.pieces.length, (p) => m.pieces[p], m.ctl, m.who));
+  else {
+    k[m.fn](...m.args);
+    over(m.id, null);
   }
-  k[m.fn](...m.args);
-  port.postMessage(m.id);
+  park();
 };
-if (port === self) self.onmessage = (e) => handle(e.data);
-else port.on("message", handle);
+// (Node has no \`self\`: comparing port with it would throw)
+if (typeof require === "function") port.on("message", handle);
+else self.onmessage = (e) => handle(e.data);
 `;
 
 interface Thread {
   /** Posts a message; resolves with the worker's reply to it (replies come in order). */
   call(message: unknown): Promise<number>;
+  /** The reply to a job given through the mailbox, or by `send` (replies come in order). */
+  expect(): Promise<number>;
+  /** Posts a message whose reply `expect` already awaits. */
+  send(message: unknown): void;
   terminate(): void;
 }
 
@@ -132,6 +192,8 @@ async function spawn(): Promise<Thread> {
         w.postMessage(m);
         return r;
       },
+      expect: () => replies.wait(),
+      send: (m) => w.postMessage(m),
       terminate: () => w.terminate(),
     };
   }
@@ -148,6 +210,8 @@ async function spawn(): Promise<Thread> {
       w.postMessage(m);
       return r;
     },
+    expect: () => replies.wait(),
+    send: (m) => w.postMessage(m),
     terminate: () => w.terminate(),
   };
 }
@@ -188,18 +252,29 @@ export class ThreadPool {
   #seq = 0;
   #closed = false;
 
+  readonly #fns: string[];
+
   constructor(
     private readonly module: WebAssembly.Module,
     private readonly memory: WebAssembly.Memory,
     /** Workers beside the calling thread. */
     readonly size: number,
-  ) {}
+    /** Where the workers' mailboxes are in the memory (size * MAILBOX_BYTES, zeroed, never used otherwise). */
+    private readonly mailboxes: number,
+  ) {
+    this.#fns = WebAssembly.Module.exports(module).filter((e) => e.kind === "function").map((e) => e.name);
+  }
 
   async #start(): Promise<Thread[]> {
     if (this.#threads.length > 0) return this.#threads;
     this.#starting ??= (async () => {
       const threads = await Promise.all(Array.from({ length: this.size }, spawn));
-      await Promise.all(threads.map((t) => t.call({ module: this.module, memory: this.memory })));
+      new Uint8Array(this.memory.buffer, this.mailboxes, this.size * MAILBOX_BYTES).fill(0);
+      await Promise.all(
+        threads.map((t, w) =>
+          t.call({ module: this.module, memory: this.memory, mailbox: this.mailboxes + w * MAILBOX_BYTES })
+        ),
+      );
       this.#threads = threads;
       this.#starting = null;
       return threads;
@@ -239,11 +314,42 @@ export class ThreadPool {
     const threads = await this.#start();
     try {
       return await work(async (w, job) => {
-        await (threads[w] as Thread).call({ id: ++this.#seq, ...job });
+        await this.#post(threads[w] as Thread, w, { id: ++this.#seq, ...job });
       });
     } finally {
       this.#armIdle();
     }
+  }
+
+  // A job to worker w: through its mailbox where it is parked and no
+  // message is waiting for it (and the job fits), else as a message.
+  #post(t: Thread, w: number, job: (Job | PiecesJob) & { id: number }): Promise<number> {
+    const at = this.mailboxes + w * MAILBOX_BYTES;
+    const st = new Int32Array(this.memory.buffer, at, 2);
+    if (Atomics.load(st, MB_MSGS) === 0 && Atomics.load(st, MB_STATE) === PARKED) {
+      const list = "pieces" in job ? job.pieces : [job.args];
+      const per = list[0]?.length ?? 0;
+      const fi = this.#fns.indexOf(job.fn);
+      if (fi >= 0 && (MB_HEADER + list.length * per) * 8 + 16 <= MAILBOX_BYTES) {
+        const f = new Float64Array(this.memory.buffer, at + 16, MB_HEADER + list.length * per);
+        const pieces = "pieces" in job;
+        f.set([fi, job.id, pieces ? 1 : 0, pieces ? job.ctl : 0, pieces ? job.who : 0, list.length, per]);
+        list.forEach((args, p) => f.set(args, MB_HEADER + p * per));
+        const reply = t.expect();
+        if (Atomics.compareExchange(st, MB_STATE, PARKED, JOB) === PARKED) {
+          Atomics.notify(st, MB_STATE);
+          return reply;
+        }
+        // it left for its event loop meanwhile: the message gives it the job (and settles `reply`)
+        Atomics.add(st, MB_MSGS, 1);
+        t.send(job);
+        return reply;
+      }
+    }
+    Atomics.add(st, MB_MSGS, 1);
+    // a parked worker would not see the message before PARK_MS: send it back to its event loop
+    if (Atomics.compareExchange(st, MB_STATE, PARKED, LOOP) === PARKED) Atomics.notify(st, MB_STATE);
+    return t.call(job);
   }
 
   #armIdle(): void {

@@ -33,6 +33,7 @@ import {
   CTL_WORDS,
   hardwareThreads,
   type Job,
+  MAILBOX_BYTES,
   ThreadPool,
   threadsAvailable,
 } from "./_threads.ts";
@@ -355,7 +356,11 @@ export class WasmBackend implements Backend {
       const memory = new WebAssembly.Memory({ initial: 16, maximum: SHARED_MAX_PAGES, shared: true });
       const instance = await WebAssembly.instantiate(module, { env: { memory } });
       const k = { ...(instance.exports as unknown as Kernels), memory };
-      const pool = new ThreadPool(module, memory, threads - 1);
+      // the workers' mailboxes, below every call's layout (see #base)
+      const mailboxes = align16(k.heapBase());
+      const end = mailboxes + (threads - 1) * MAILBOX_BYTES;
+      if (end > memory.buffer.byteLength) memory.grow(Math.ceil((end - memory.buffer.byteLength) / PAGE));
+      const pool = new ThreadPool(module, memory, threads - 1, mailboxes);
       return new WasmBackend(k, chunkBytes, pool, SHARED_MAX_PAGES * PAGE, lanes);
     }
     const chunkBytes = options.chunkBytes ?? DEFAULT_CHUNK_BYTES;
@@ -430,6 +435,11 @@ export class WasmBackend implements Backend {
     const run = this.#queue.then(work, work);
     this.#queue = run.then(() => undefined, () => undefined);
     return run;
+  }
+
+  // Where a call's layout starts: past the workers' mailboxes.
+  #base(): number {
+    return align16(this.#k.heapBase()) + (this.#pool?.size ?? 0) * MAILBOX_BYTES;
   }
 
   // Grows linear memory to `end` bytes, with a clear error beyond the backend's reach.
@@ -512,7 +522,8 @@ export class WasmBackend implements Backend {
       );
       try {
         // enough pieces for the workers to run while this thread allocates
-        while (ready < Math.min(n, 4 * W + 1)) lead();
+        // (a new [T, E] array takes about a tenth of the kernels' time)
+        while (ready < Math.min(n, 2 * W + Math.ceil(n / 4))) lead();
         start();
         for (;;) {
           drain();
@@ -629,7 +640,7 @@ export class WasmBackend implements Backend {
     const dense = this.#lanes && E <= DENSE_ROWS_E;
     const n = this.#chunk(T, E * inB + 4 * E + rB + K * (inB + 8) + (dense ? E * inB : 0));
     const k = this.#k;
-    const L = new Layout(k.heapBase());
+    const L = new Layout(this.#base());
     const scratch = this.#scratch(L, this.#scratchBytes(E, K, plan.numGroups, "fusedTopkWithScoreFunction"));
     const bias = plan.bias ? L.take(4 * align16(E)) : 0;
     const inP = L.take(n * E * inB);
@@ -806,7 +817,7 @@ export class WasmBackend implements Backend {
     const gradBits = rawBits(grad.data);
     const n = this.#chunk(T, rB + K * (2 * inB + 16));
     const k = this.#k;
-    const L = new Layout(k.heapBase());
+    const L = new Layout(this.#base());
     const listScratch = L.take(align16(E) + 4 * K);
     const routeP = L.take(n * rB);
     const listP = L.take(n * K * 4);
@@ -866,7 +877,7 @@ export class WasmBackend implements Backend {
     const out = outBuf ?? newFloat(dtype, T * E);
     const n = this.#chunk(T, rB + 4 * K + 2 * E * inB);
     const k = this.#k;
-    const L = new Layout(k.heapBase());
+    const L = new Layout(this.#base());
     const scratch = L.take(LANES_BACKWARD_SCRATCH);
     const routeP = L.take(n * rB);
     const yvP = L.take(n * K * 4);
@@ -911,7 +922,7 @@ export class WasmBackend implements Backend {
     const out = outBuf ?? newFloat(dtype, T * E);
     const n = this.#chunk(T, 2 * E * inB + 4 * E + rB);
     const k = this.#k;
-    const L = new Layout(k.heapBase());
+    const L = new Layout(this.#base());
     const scratch = this.#scratch(L, this.#scratchBytes(E, K, 0, "fusedTopkWithScoreFunctionBackward"));
     const gradP = L.take(n * E * inB);
     const interP = L.take(n * E * 4);
@@ -954,7 +965,7 @@ export class WasmBackend implements Backend {
       const intermediate = new Float32Array(this.#saved.take(T * E * 4));
       const n = this.#chunk(T, E * inB + 8 * E + rB);
       const k = this.#k;
-      const L = new Layout(k.heapBase());
+      const L = new Layout(this.#base());
       const scratch = this.#scratch(L, this.#scratchBytes(E, K, 0, "fusedComputeScoreForMoEAuxLoss"));
       const inP = L.take(n * E * inB);
       const scoresP = L.take(n * E * 4);
@@ -994,7 +1005,7 @@ export class WasmBackend implements Backend {
       const out = newFloat(dtype, T * E);
       const n = this.#chunk(T, 8 * E + E * outB);
       const k = this.#k;
-      const L = new Layout(k.heapBase());
+      const L = new Layout(this.#base());
       const scratch = this.#scratch(L, this.#scratchBytes(E, 1, 0, "fusedComputeScoreForMoEAuxLossBackward"));
       const gradP = L.take(n * E * 4);
       const interP = L.take(n * E * 4);
@@ -1028,7 +1039,7 @@ export class WasmBackend implements Backend {
       const inB = BYTES_OF[dtype];
       const n = this.#chunk(rows, cols * inB);
       const k = this.#k;
-      const L = new Layout(k.heapBase());
+      const L = new Layout(this.#base());
       const tpeP = L.take(cols * 4);
       const colsumP = L.take(cols * 4);
       const inP = L.take(n * cols * inB);
@@ -1054,7 +1065,7 @@ export class WasmBackend implements Backend {
       const out = newFloat(dtype, rows * cols);
       const n = this.#chunk(rows, cols * outB);
       const k = this.#k;
-      const L = new Layout(k.heapBase());
+      const L = new Layout(this.#base());
       const tpeP = L.take(cols * 4);
       const scratch = L.take(cols * 4);
       const outP = L.take(n * cols * outB);
@@ -1076,7 +1087,7 @@ export class WasmBackend implements Backend {
    */
   mathCheck(kind: number, xs: Float32Array): Float32Array {
     const n = align16(xs.length);
-    const L = new Layout(this.#k.heapBase());
+    const L = new Layout(this.#base());
     const p = L.take(n * 4);
     this.#ensure(L.end, "mathCheck");
     this.#bytes().fill(0, p, p + n * 4);

@@ -212,3 +212,50 @@ Deno.test("small calls before and after a call that starts the workers give the 
   one.dispose();
   two.dispose();
 });
+
+Deno.test("the intermediate read back from the saved logits (sigmoid with groups, sqrtsoftplus) has the kernel's bits", async () => {
+  // Without intermediateOut, sigmoid's and sqrtsoftplus's intermediate is
+  // computed on read from the state's copy of the logits (intermediateOf);
+  // with it, the kernel's own pass writes it. Both, bit for bit, on logits
+  // with every extreme (NaN, infinities, subnormal sigmoids), every dtype,
+  // with and without groups, on one thread and on workers (batches big
+  // enough to be cut into pieces).
+  const routers: Array<[string, Router]> = [
+    ["1 thread", await createRouter({ backend: "wasm", threads: 1 })],
+    ["2 threads", await createRouter({ backend: "wasm", threads: 2 })],
+  ];
+  const rng = mulberry32(7);
+  try {
+    for (const [name, router] of routers) {
+      for (const score of ["sigmoid", "sqrtsoftplus"] as const) {
+        for (const dtype of DTYPES) {
+          for (const [T, grouped] of [[37, true], [1100, true], [600, false]] as const) {
+            const E = 256;
+            const x = new Float32Array(T * E);
+            for (let i = 0; i < x.length; i++) x[i] = logitOf(i % 3 === 0 ? "extreme" : "normal", rng, 0);
+            x[5] = NaN;
+            const logits = { data: dtype === "float32" ? x : narrowTo(x, dtype), shape: [T, E], dtype } as FloatTensor;
+            const options: TopkOptions = { topk: 8, scoreFunction: score, expertBias: biasTensor(new Float32Array(E)) };
+            if (grouped) Object.assign(options, { numGroups: 8, groupTopk: 4 });
+            const lazy = await router.fusedTopkWithScoreFunction(logits, options);
+            const full = await router.fusedTopkWithScoreFunction(logits, {
+              ...options,
+              intermediateOut: new Float32Array(T * E),
+            });
+            const label = `${name} ${score} ${dtype} ${T}x${E}${grouped ? " grouped" : ""}`;
+            assertBitIdentical(
+              intermediateOf(lazy.intermediate.data),
+              full.intermediate.data,
+              `${label}: intermediate`,
+            );
+            assertBitIdentical(lazy.probs.data, full.probs.data, `${label}: probs`);
+            lazy.saved.release();
+            full.saved.release();
+          }
+        }
+      }
+    }
+  } finally {
+    for (const [, r] of routers) r.dispose();
+  }
+});

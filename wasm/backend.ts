@@ -48,7 +48,7 @@ interface Kernels {
   mathCheck: Fn;
   topkForward: Fn;
   forwardByLogits: Fn;
-  sigmoidOf: Fn;
+  intermediateOf: Fn;
   routeList: Fn;
   scatterRows: Fn;
   topkBackwardSparse: Fn;
@@ -86,6 +86,8 @@ const LANES_BACKWARD_SCRATCH = 1280;
 export const MIN_PARALLEL_ELEMENTS = 1 << 18;
 /** Token x expert elements of a piece of a threaded chunk (128 KiB of float32 logits: a fraction of a millisecond of kernel). */
 const PIECE_ELEMENTS = 1 << 15;
+/** Bytes copied to both the module and the saved state at a time (see the top-k forward's copyIn). */
+const SLICE_BYTES = 256 << 10;
 /** How long the calling thread spins for the workers' last pieces before it awaits their replies. */
 const SPIN_MS = 2;
 
@@ -245,12 +247,18 @@ function postSoftmaxReader(
 }
 
 /**
- * A reader of a sigmoid intermediate (T x E) computed from a copy of the
- * logits' bytes by `k` (a module instance of its own, so that a read between
- * the awaits of a threaded call does not touch that call's memory), with the
- * forward's own sigmoid, bit for bit.
+ * A reader of a sigmoid or sqrtsoftplus intermediate (T x E) computed from
+ * a copy of the logits' bytes by `k` (a module instance of its own, so that
+ * a read between the awaits of a threaded call does not touch that call's
+ * memory), with the forward's own sigmoid, bit for bit.
  */
-function sigmoidReader(k: Kernels, logits: Uint8Array, dtype: FloatDType, n: number): () => Float32Array {
+function intermediateReader(
+  k: Kernels,
+  score: "sigmoid" | "sqrtsoftplus",
+  logits: Uint8Array,
+  dtype: FloatDType,
+  n: number,
+): () => Float32Array {
   return () => {
     const out = new Float32Array(n);
     const inB = BYTES_OF[dtype];
@@ -263,7 +271,7 @@ function sigmoidReader(k: Kernels, logits: Uint8Array, dtype: FloatDType, n: num
     for (let i = 0; i < n; i += chunk) {
       const m = Math.min(chunk, n - i);
       bytes.set(logits.subarray(i * inB, (i + m) * inB), src);
-      k.sigmoidOf(src, DT[dtype], m, dst);
+      k.intermediateOf(SCORE[score], src, DT[dtype], m, dst);
       out.set(new Float32Array(k.memory.buffer, dst, m), i);
     }
     return out;
@@ -663,19 +671,18 @@ export class WasmBackend implements Backend {
       this.#bytes().fill(0, bias, bias + 4 * align16(E));
       this.#put(bias, plan.bias, 0, E);
     }
-    // the intermediate goes to the caller's buffer, or else to the saved state's own (copied out on demand);
-    // post-softmax's (-inf but at the chosen experts) is not kept at all: the routing output and the chosen
-    // values, which the state keeps anyway, give it back on demand; nor is sigmoid's where the kernel keys
-    // the selection by the logits (it then computes only the chosen experts' sigmoid): a copy of the logits
-    // gives it back on demand
+    // the intermediate goes to the caller's buffer, or else to the saved state's own (copied out on demand),
+    // but for: post-softmax's (-inf but at the chosen experts), which the routing output and the chosen values
+    // (kept anyway) give back on demand; and sigmoid's and sqrtsoftplus's, which a copy of the logits, made
+    // while they are copied in, gives back on demand (cheaper than copying the kernel's out, and the sigmoid
+    // selection keyed by the logits computes only the chosen experts' sigmoid)
     const own = plan.intermediateOut === null;
     const post = own && plan.score === "softmax" && !plan.pre;
-    const byLogits = own && plan.score === "sigmoid" && !dense &&
+    const fromLogits = own && plan.score !== "softmax" && !dense;
+    const byLogits = fromLogits && plan.score === "sigmoid" &&
       k.forwardByLogits(E, K, plan.groupTopk, SCORE.sigmoid, bias) !== 0;
-    if (byLogits) {
-      this.#reader ??= await instantiateKernels();
-      this.#logitsKeyed++;
-    }
+    if (byLogits) this.#logitsKeyed++;
+    if (fromLogits) this.#reader ??= await instantiateKernels();
     // outputs only once the work is known to fit, and (on threads) once the
     // workers have pieces to work on, since a new [T, E] array costs the
     // calling thread a while; caller buffers are used as they are (probs
@@ -690,12 +697,12 @@ export class WasmBackend implements Backend {
       outs ??= allocate();
     };
     // the saved state
-    const ours = plan.intermediateOut === null && !post && !byLogits;
+    const ours = own && !post && !fromLogits;
     const intermediate = plan.intermediateOut ??
       (ours ? new Float32Array(this.#saved.take(T * E * 4)) : new Float32Array(0));
     const yasc = new Float32Array(this.#saved.take(T * K * 4));
     const ids = sparseBackward ? new Int32Array(this.#saved.take(T * K * 4)) : null;
-    const savedLogits = byLogits ? new Uint8Array(this.#saved.take(T * E * inB)) : null;
+    const savedLogits = fromLogits ? new Uint8Array(this.#saved.take(T * E * inB)) : null;
     const routeElems = isMap(route) ? rB : K;
     const list = new Int32Array(k.memory.buffer, listP, n * K);
     const vals = this.#bits(dtype, valsP, n * K);
@@ -703,11 +710,19 @@ export class WasmBackend implements Backend {
       const m = Math.min(n, T - t0);
       // rows [a, a + rows) of this chunk: copy in, kernel arguments (thread j), copy out
       const copyIn = (a: number, rows: number) => {
-        this.#put(inP + a * E * inB, logits.data, (t0 + a) * E, rows * E);
-        // the state's copy of the logits, piece by piece while they are in cache (and, on threads, while the
-        // workers run)
-        const at = (t0 + a) * E * inB;
-        savedLogits?.set(new Uint8Array(logits.data.buffer, logits.data.byteOffset + at, rows * E * inB), at);
+        if (savedLogits === null) {
+          this.#put(inP + a * E * inB, logits.data, (t0 + a) * E, rows * E);
+          return;
+        }
+        // with the state's copy of the logits, in slices that are still in cache for the second copy (and, on
+        // threads, while the workers run)
+        const mem = this.#bytes();
+        const src = new Uint8Array(logits.data.buffer, logits.data.byteOffset, logits.data.byteLength);
+        for (let b = (t0 + a) * E * inB, end = (t0 + a + rows) * E * inB; b < end; b += SLICE_BYTES) {
+          const slice = src.subarray(b, Math.min(b + SLICE_BYTES, end));
+          mem.set(slice, inP + b - t0 * E * inB);
+          savedLogits.set(slice, b);
+        }
       };
       const argsFor = (a: number, rows: number, j: number) => [
         inP + a * E * inB,
@@ -731,12 +746,12 @@ export class WasmBackend implements Backend {
         scratch[j] as number,
         dense ? probsP + a * E * inB : 0,
         this.#lanes ? 1 : 0,
-        byLogits || post ? 1 : 0, // the host makes the intermediate itself
+        fromLogits || post ? 1 : 0, // the host makes the intermediate itself
         ascP ? ascP + a * K * 4 : 0,
       ];
       const copyOut = (a: number, rows: number, j: number) => {
         const { routeOut, probs, probsBits } = outs as NonNullable<typeof outs>;
-        if (!post && !byLogits) this.#get((interP[j] as number) + a * E * 4, intermediate, (t0 + a) * E, rows * E);
+        if (!post && !fromLogits) this.#get((interP[j] as number) + a * E * 4, intermediate, (t0 + a) * E, rows * E);
         this.#get(routeP + a * rB, routeOut, (t0 + a) * routeElems, rows * routeElems);
         this.#get(yascP + a * K * 4, yasc, (t0 + a) * K, rows * K);
         if (ids) this.#get(ascP + a * K * 4, ids, (t0 + a) * K, rows * K);
@@ -775,13 +790,13 @@ export class WasmBackend implements Backend {
       yasc,
       ids,
       full: plan.score === "softmax" && plan.pre ? (own ? intermediate : pooledCopy(this.#saved, intermediate)) : null,
-      inter: own && !post && !byLogits ? intermediate : null,
+      inter: ours ? intermediate : null,
       logits: savedLogits,
     };
     const lazy = post
       ? postSoftmaxReader(payload.route, route, T, E, K, yasc)
-      : byLogits
-      ? sigmoidReader(this.#reader as Kernels, payload.logits as Uint8Array, dtype, T * E)
+      : fromLogits
+      ? intermediateReader(this.#reader as Kernels, plan.score as "sigmoid", payload.logits as Uint8Array, dtype, T * E)
       : copier(intermediate);
     return { probs, intermediate: own ? lazy : intermediate, route: routeOut, payload };
   }

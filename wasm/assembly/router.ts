@@ -1393,21 +1393,26 @@ function logitsMargin(E: i32, K: i32, GK: i32, fn: i32, bias: usize): f32 {
  * Whether topkForward, asked to (hostInter), skips the intermediate: its
  * sigmoid selection goes by the logits, which leaves the intermediate row
  * written at the chosen experts only. The host then gets the intermediate
- * from sigmoidOf. bias: as topkForward's, already in memory.
+ * from intermediateOf. bias: as topkForward's, already in memory.
  */
 export function forwardByLogits(E: i32, K: i32, GK: i32, fn: i32, bias: usize): bool {
   return logitsMargin(E, K, GK, fn, bias) >= 0;
 }
 
 /**
- * The sigmoid intermediate of n logits of dtype dt at src into dst (f32),
- * bit for bit what the forward's full pass writes (vsigmoidFast). Vectors
- * may reach 3 elements past n at both ends' regions.
+ * The intermediate of n logits of dtype dt at src into dst (f32), bit for
+ * bit what the forward's full pass writes: sigmoid's s (vsigmoidFast), or
+ * (sqrtsoftplus) the logits widened. Vectors may reach 3 elements past n at
+ * both ends' regions.
  */
-export function sigmoidOf(src: usize, dt: i32, n: i32, dst: usize): void {
+export function intermediateOf(fn: i32, src: usize, dt: i32, n: i32, dst: usize): void {
   if (dt != DT_F32) {
     widenRow(src, dt, n, dst);
     src = dst;
+  }
+  if (fn != SCORE_SIGMOID) {
+    if (src != dst) memory.copy(dst, src, <usize>n << 2);
+    return;
   }
   for (let i = 0; i < n; i += 4) {
     const o = <usize>i << 2;

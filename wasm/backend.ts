@@ -591,7 +591,7 @@ export class WasmBackend implements Backend {
     const k4 = Math.ceil(K / 4) * 16;
     const g4 = Math.ceil(G / 4) * 16;
     const tops = Math.ceil(Math.max(G, 1) / 4) * 128; // lane lists of the fused pass
-    const bytes = 4 * (r16 * 4) + Math.max(1024, r16) + 3 * k4 + 3 * g4 + 5 * k4 + 64 + tops + 272;
+    const bytes = 5 * (r16 * 4) + Math.max(1024, r16) + 3 * k4 + 3 * g4 + 5 * k4 + 64 + tops + 272 + 64;
     // the kernels address one token's scratch with 32-bit offsets
     if (bytes > MAX_TOKEN_SCRATCH) {
       throw new RangeError(
@@ -652,7 +652,18 @@ export class WasmBackend implements Backend {
     const scratch = this.#scratch(L, this.#scratchBytes(E, K, plan.numGroups, "fusedTopkWithScoreFunction"));
     const bias = plan.bias ? L.take(4 * align16(E)) : 0;
     const inP = L.take(n * E * inB);
-    const interP = this.#scratch(L, n * E * 4); // per thread: row vectors spill past the row end
+    // the intermediate goes to the caller's buffer, or else to the saved state's own (copied out on demand),
+    // but for: post-softmax's (-inf but at the chosen experts), which the routing output and the chosen values
+    // (kept anyway) give back on demand; and sigmoid's and sqrtsoftplus's, which a copy of the logits, made
+    // while they are copied in, gives back on demand (cheaper than copying the kernel's out, and the sigmoid
+    // selection keyed by the logits computes only the chosen experts' sigmoid)
+    const own = plan.intermediateOut === null;
+    const post = own && plan.score === "softmax" && !plan.pre;
+    const fromLogits = own && plan.score !== "softmax" && !dense;
+    // the kernel's intermediate rows, per thread (row vectors spill past the row end); none where the host
+    // makes the intermediate itself and the kernel keeps each token's row in its scratch
+    const hostInter = fromLogits || post;
+    const interP = this.#scratch(L, hostInter && !dense ? 0 : n * E * 4);
     const valsP = L.take(n * K * inB);
     const listP = L.take(n * K * 4);
     const yascP = L.take(n * K * 4);
@@ -671,14 +682,6 @@ export class WasmBackend implements Backend {
       this.#bytes().fill(0, bias, bias + 4 * align16(E));
       this.#put(bias, plan.bias, 0, E);
     }
-    // the intermediate goes to the caller's buffer, or else to the saved state's own (copied out on demand),
-    // but for: post-softmax's (-inf but at the chosen experts), which the routing output and the chosen values
-    // (kept anyway) give back on demand; and sigmoid's and sqrtsoftplus's, which a copy of the logits, made
-    // while they are copied in, gives back on demand (cheaper than copying the kernel's out, and the sigmoid
-    // selection keyed by the logits computes only the chosen experts' sigmoid)
-    const own = plan.intermediateOut === null;
-    const post = own && plan.score === "softmax" && !plan.pre;
-    const fromLogits = own && plan.score !== "softmax" && !dense;
     const byLogits = fromLogits && plan.score === "sigmoid" &&
       k.forwardByLogits(E, K, plan.groupTopk, SCORE.sigmoid, bias) !== 0;
     if (byLogits) this.#logitsKeyed++;
@@ -746,7 +749,7 @@ export class WasmBackend implements Backend {
         scratch[j] as number,
         dense ? probsP + a * E * inB : 0,
         this.#lanes ? 1 : 0,
-        fromLogits || post ? 1 : 0, // the host makes the intermediate itself
+        hostInter ? 1 : 0, // the host makes the intermediate itself
         ascP ? ascP + a * K * 4 : 0,
       ];
       const copyOut = (a: number, rows: number, j: number) => {

@@ -60,7 +60,9 @@ const KEY_NAN: u32 = 1;
 // top-k forward: X [E16] f32 widened logits | S [E16] f32 scores | KEY [E16]
 // u32 | HIST: radix histogram or block maxima | CHOSEN [2 K4] | VAL [K4] f32 |
 // GROUP [3 G4] | TOPV (lane lists) | CAND [E16] candidates | TOPS (the fused
-// pass's lane lists, 2 vectors per group) | COMP [32] i64 composites.
+// pass's lane lists, 2 vectors per group) | COMP [32] i64 composites | IROW
+// [E16] f32, the token's intermediate row where the host makes the
+// intermediate itself (hostInter: no [T, E] region to stream out).
 // The dense backward reuses the first rows as G, Y, M and A.
 
 /** Bytes of scratch one token needs; the host reserves this once per call. */
@@ -69,7 +71,8 @@ export function scratchBytes(E: i32, K: i32, G: i32): i32 {
   const k4 = roundUp4(K) << 2; // CHOSEN (2x), VAL
   const g4 = roundUp4(G) << 2; // GROUP (2x)
   const tops = roundUp4(max(G, 1)) << 5; // lane lists of the fused pass
-  return 4 * row + max(RADIX_BINS << 2, roundUp16(E)) + 3 * k4 + 3 * g4 + 5 * k4 + 64 + tops + 272;
+  // + IROW [E16] (+ slack): the intermediate row where the host makes the intermediate itself
+  return 5 * row + max(RADIX_BINS << 2, roundUp16(E)) + 3 * k4 + 3 * g4 + 5 * k4 + 64 + tops + 272 + 64;
 }
 
 /** First free byte of linear memory: the host lays out its regions above it. */
@@ -1643,6 +1646,7 @@ function forwardRows(
   const CAND = TOPV + (<usize>(5 * roundUp4(K)) << 2); // E16 words
   const TOPS = CAND + rowF + 64; // lane lists of the fused pass: 2 vectors per group
   const COMP = TOPS + (<usize>roundUp4(max(G, 1)) << 5); // 32 i64
+  const IROW = COMP + 272;
   const radix = K >= radixThreshold;
   const inB = <usize>dtBytes(dt);
   const routeB = <usize>routeRowBytes(fmt, E, K);
@@ -1661,7 +1665,7 @@ function forwardRows(
   const margin = hostInter ? logitsMargin(E, K, GK, fn, bias) : <f32>-1;
   for (let t = 0; t < T; t++) {
     const tt = <usize>t * <usize>E;
-    const irow = inter + (tt << 2);
+    const irow = hostInter ? IROW : inter + (tt << 2);
     // load: float32 rows are read in place (the vector past the row end reads
     // the next row or the region's slack, masked below); others widen into X
     let src = logits + tt * inB;

@@ -707,6 +707,11 @@ export class WasmBackend implements Backend {
     const ids = sparseBackward ? new Int32Array(this.#saved.take(T * K * 4)) : null;
     const savedLogits = fromLogits ? new Uint8Array(this.#saved.take(T * E * inB)) : null;
     const routeElems = isMap(route) ? rB : K;
+    // the state's copy of the routing output, taken out of the module with the caller's
+    const RouteArray = (isMap(route) ? Uint8Array : ARRAY_OF[route]) as unknown as new (
+      b: ArrayBuffer,
+    ) => Uint8Array | IndexArray;
+    const savedRoute = new RouteArray(this.#saved.take(T * routeElems * (isMap(route) ? 1 : BYTES_OF[route])));
     const list = new Int32Array(k.memory.buffer, listP, n * K);
     const vals = this.#bits(dtype, valsP, n * K);
     for (let t0 = 0; t0 < T; t0 += n) {
@@ -756,6 +761,7 @@ export class WasmBackend implements Backend {
         const { routeOut, probs, probsBits } = outs as NonNullable<typeof outs>;
         if (!post && !fromLogits) this.#get((interP[j] as number) + a * E * 4, intermediate, (t0 + a) * E, rows * E);
         this.#get(routeP + a * rB, routeOut, (t0 + a) * routeElems, rows * routeElems);
+        this.#get(routeP + a * rB, savedRoute, (t0 + a) * routeElems, rows * routeElems);
         this.#get(yascP + a * K * 4, yasc, (t0 + a) * K, rows * K);
         if (ids) this.#get(ascP + a * K * 4, ids, (t0 + a) * K, rows * K);
         if (dense) {
@@ -789,7 +795,7 @@ export class WasmBackend implements Backend {
     start(); // T = 0: no chunk
     const { routeOut, probs } = outs as unknown as NonNullable<typeof outs>;
     const payload: TopkPayload = {
-      route: pooledCopy(this.#saved, routeOut),
+      route: savedRoute,
       yasc,
       ids,
       full: plan.score === "softmax" && plan.pre ? (own ? intermediate : pooledCopy(this.#saved, intermediate)) : null,

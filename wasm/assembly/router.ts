@@ -1289,7 +1289,79 @@ function sigmoidMargin(bias: usize, E: i32): f32 {
 // the same pass (depth 2 up to K = 8, as fusedPass; else 8, as laneLists).
 // Returns whether a logit is NaN (the token then takes the full pass).
 @inline function logitKeysPass(src: usize, E: i32, K: i32, XK: usize, TOPS: usize): bool {
-  return K <= 8 ? logitKeysLists(src, E, K, XK, TOPS, 2) : logitKeysLists(src, E, K, XK, TOPS, 8);
+  return K <= 8 ? logitKeysPairs(src, E, K, XK, TOPS) : logitKeysLists(src, E, K, XK, TOPS, 8);
+}
+
+// logitKeysPass for K <= 8: the vectors go in turn to two sets of per-lane
+// top-2 lists (the cost of one set: 2 max / min per vector), 8 lanes of 16
+// experts' logits each. T0 is the K-th largest of the 16 listed keys: they
+// are 16 distinct experts' keys (or pad keys 0, below every logit), so K
+// experts have a logit key >= T0. That is tighter than the smallest lane's
+// 2nd largest (the bound of one set of 4 lanes), which about 14 experts
+// reach on DeepSeek-V3-like rows against about 9 here: fewer candidates.
+@inline function logitKeysPairs(src: usize, E: i32, K: i32, XK: usize, TOPS: usize): bool {
+  const z = f32x4.splat(0);
+  let nan = z;
+  let a0 = z, a1 = z, b0 = z, b1 = z;
+  for (let i = 0; i < E; i += 8) {
+    const o = <usize>i << 2;
+    const x = v128.load(src + o);
+    let v = v128.xor(x, v128.or(i32x4.shr_s(x, 31), SIGN_BIT()));
+    let bad = f32x4.ne(x, x);
+    if (i + 4 > E) {
+      // the row's last, partial vector: lanes past E get key 0
+      const inside = inRow(i, E);
+      v = v128.and(v, inside);
+      bad = v128.and(bad, inside);
+    }
+    nan = v128.or(nan, bad);
+    v128.store(XK + o, v);
+    let m = a0; a0 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
+    a1 = i32x4.max_u(a1, v);
+    if (i + 4 >= E) break;
+    // the next vector, into the second set
+    const y = v128.load(src + o, 16);
+    let w = v128.xor(y, v128.or(i32x4.shr_s(y, 31), SIGN_BIT()));
+    bad = f32x4.ne(y, y);
+    if (i + 8 > E) {
+      const inside = inRow(i + 4, E);
+      w = v128.and(w, inside);
+      bad = v128.and(bad, inside);
+    }
+    nan = v128.or(nan, bad);
+    v128.store(XK + o, w, 16);
+    m = b0; b0 = i32x4.max_u(m, w); w = i32x4.min_u(m, w);
+    b1 = i32x4.max_u(b1, w);
+  }
+  v128.store(TOPS, i32x4.splat(kthOf16(a0, a1, b0, b1, K)));
+  return v128.any_true(nan);
+}
+
+// sum of gt_s(w, v) over the 4 rotations of v: minus how many lanes of v are below each lane of w
+@inline function belowRot(w: v128, v: v128): v128 {
+  return i32x4.add(
+    i32x4.add(i32x4.gt_s(w, v), i32x4.gt_s(w, i32x4.shuffle(v, v, 1, 2, 3, 0))),
+    i32x4.add(i32x4.gt_s(w, i32x4.shuffle(v, v, 2, 3, 0, 1)), i32x4.gt_s(w, i32x4.shuffle(v, v, 3, 0, 1, 2))),
+  );
+}
+
+// The K-th largest (K <= 16, with repeats) of the 16 keys in v0 .. v3: the
+// largest key w with 16 - K or fewer keys below it (at least K keys are >= w).
+function kthOf16(v0: v128, v1: v128, v2: v128, v3: v128, K: i32): u32 {
+  // signed compares on sign-flipped keys order them as unsigned
+  const s0 = v128.xor(v0, SIGN_BIT()), s1 = v128.xor(v1, SIGN_BIT());
+  const s2 = v128.xor(v2, SIGN_BIT()), s3 = v128.xor(v3, SIGN_BIT());
+  const lim = i32x4.splat(K - 17); // -below > K - 17  <=>  below <= 16 - K
+  let best = f32x4.splat(0);
+  let c = i32x4.add(i32x4.add(belowRot(s0, s0), belowRot(s0, s1)), i32x4.add(belowRot(s0, s2), belowRot(s0, s3)));
+  best = i32x4.max_u(best, v128.and(v0, i32x4.gt_s(c, lim)));
+  c = i32x4.add(i32x4.add(belowRot(s1, s0), belowRot(s1, s1)), i32x4.add(belowRot(s1, s2), belowRot(s1, s3)));
+  best = i32x4.max_u(best, v128.and(v1, i32x4.gt_s(c, lim)));
+  c = i32x4.add(i32x4.add(belowRot(s2, s0), belowRot(s2, s1)), i32x4.add(belowRot(s2, s2), belowRot(s2, s3)));
+  best = i32x4.max_u(best, v128.and(v2, i32x4.gt_s(c, lim)));
+  c = i32x4.add(i32x4.add(belowRot(s3, s0), belowRot(s3, s1)), i32x4.add(belowRot(s3, s2), belowRot(s3, s3)));
+  best = i32x4.max_u(best, v128.and(v3, i32x4.gt_s(c, lim)));
+  return hmaxU(best);
 }
 
 @inline function logitKeysLists(src: usize, E: i32, K: i32, XK: usize, TOPS: usize, depth: i32): bool {
@@ -1347,11 +1419,15 @@ function sigmoidMargin(bias: usize, E: i32): f32 {
 
 // The exact sigmoid, selection score and key of the experts CAND[from, to):
 // s into SR, the key into KEY (as fusedPass writes them). Lanes past `to`
-// repeat CAND[from].
+// repeat CAND[from]. Returns the smallest key among the keyed experts whose
+// logit key is >= T0 (0xffffffff where there is none): a duplicated lane is
+// one of those experts again, so it never changes the minimum.
 @inline function keyCandidates(
-  src: usize, bias: usize, CAND: usize, from: i32, to: i32, SR: usize, KEY: usize,
-): void {
+  src: usize, bias: usize, CAND: usize, from: i32, to: i32, SR: usize, KEY: usize, T0: u32, cut: bool,
+): u32 {
   const first = i32x4.splat(load<i32>(CAND + (<usize>from << 2)));
+  const t0 = i32x4.splat(T0);
+  let low = i32x4.splat(-1);
   for (let j = from; j < to; j += 4) {
     const ids = v128.bitselect(v128.load(CAND + (<usize>j << 2)), first, inRow(j, to));
     const o0 = <usize>i32x4.extract_lane(ids, 0) << 2, o1 = <usize>i32x4.extract_lane(ids, 1) << 2;
@@ -1380,7 +1456,12 @@ function sigmoidMargin(bias: usize, E: i32): f32 {
     store<u32>(KEY + o1, i32x4.extract_lane(k, 1));
     store<u32>(KEY + o2, i32x4.extract_lane(k, 2));
     store<u32>(KEY + o3, i32x4.extract_lane(k, 3));
+    if (!cut) continue;
+    // lanes whose logit key (as logitKeysPass makes it) is >= T0 take part in the minimum
+    const xk = v128.xor(x, v128.or(i32x4.shr_s(x, 31), SIGN_BIT()));
+    low = i32x4.min_u(low, v128.bitselect(k, i32x4.splat(-1), i32x4.eq(i32x4.max_u(xk, t0), xk)));
   }
+  return hminU(low);
 }
 
 // The margin c of a forward call whose sigmoid selection may go by the
@@ -1438,8 +1519,28 @@ function selectSigmoidByLogits(
 ): void {
   // K experts have a logit >= T0 (see logitKeysPass)
   const T0 = hminU(v128.load(TOPS));
-  const n = collectAbove(XK, 0, roundUp4(E), thetaKey(T0, c), CAND, 0);
-  keyCandidates(src, bias, CAND, 0, n, SR, KEY);
+  // the threshold is capped at T0 so that the candidates hold every expert with a logit >= T0 whatever
+  // thetaKey's rounding (it is below T0 anyway)
+  let n = collectAbove(XK, 0, roundUp4(E), min(thetaKey(T0, c), T0), CAND, 0);
+  // Second, exact cut: the candidates with a logit >= T0 are K or more experts, now with their exact keys,
+  // so R, the smallest of those keys, has K experts at or above it. A candidate whose key is below R is
+  // beaten strictly (on the key alone, whatever the indices) by K experts and is not chosen; and every
+  // expert that ranks above a kept one has a key at least as large, so it is kept too: the top K of the
+  // kept candidates are the top K of all, in the same order, by either ordering below. This is exact
+  // (keys compared, no error bound), and removes most of what the bias margin c let in.
+  // Without a bias c is a few ulps and the candidates are about those at or above T0 already: no cut.
+  if (bias) {
+    const R = keyCandidates(src, bias, CAND, 0, n, SR, KEY, T0, true);
+    let m = 0;
+    for (let j = 0; j < n; j++) {
+      const i = load<i32>(CAND + (<usize>j << 2));
+      store<i32>(CAND + (<usize>m << 2), i);
+      m += <i32>(load<u32>(KEY + (<usize>i << 2)) >= R);
+    }
+    n = m;
+  } else {
+    keyCandidates(src, 0, CAND, 0, n, SR, KEY, T0, false);
+  }
   if (radix) selectRadixOf(KEY, K, HIST, CHOSEN, CAND, n);
   else orderCandidates(KEY, CAND, n, K, COMP, CHOSEN);
 }

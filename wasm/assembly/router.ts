@@ -1464,6 +1464,26 @@ function kthOf16(v0: v128, v1: v128, v2: v128, v3: v128, K: i32): u32 {
   return hminU(low);
 }
 
+// thetaKey (a sigmoid, a log and three divisions in a row: about a sixth of
+// a DeepSeek-V3 token's time) is taken from a cache of the call, by T0's
+// bucket (its key's top 16 bits, 7 bits of mantissa: 1/128 of T0 or finer).
+// The bucket's lowest key L = T0 & 0xffff0000 is <= T0, so K logits are
+// >= L too: L is as good a bound as T0 for the argument above, and
+// thetaKey(L) (what the cache holds, whoever computed it first) a valid
+// threshold for every T0 of the bucket, at most a bucket looser. (L may be
+// the key of no number, below -inf's: thetaKey then keys every expert.)
+// THC: thMask + 1 slots of (bucket + 1, thetaKey), direct-mapped by the
+// bucket's low bits, zeroed when the call starts (c is the call's).
+@inline function cachedTheta(T0: u32, c: f32, THC: usize, thMask: u32): u32 {
+  const bucket = T0 >> 16;
+  const slot = THC + (<usize>(bucket & thMask) << 3);
+  if (load<u32>(slot) == bucket + 1) return load<u32>(slot, 4);
+  const th = thetaKey(bucket << 16, c);
+  store<u32>(slot, bucket + 1);
+  store<u32>(slot, th, 4);
+  return th;
+}
+
 // The margin c of a forward call whose sigmoid selection may go by the
 // logits (selectSigmoidByLogits), or -1: sigmoid, no groups, K <= 32 (the
 // lane lists' reach), rows past SMALL_E (so not the four-token kernel
@@ -1515,13 +1535,13 @@ export function intermediateOf(fn: i32, src: usize, dt: i32, n: i32, dst: usize)
 // TOPS from logitKeysPass), HIST, CAND, COMP as the full pass's selection.
 function selectSigmoidByLogits(
   src: usize, bias: usize, c: f32, E: i32, K: i32, radix: bool, XK: usize, KEY: usize, SR: usize, TOPS: usize,
-  HIST: usize, CHOSEN: usize, CAND: usize, COMP: usize,
+  HIST: usize, CHOSEN: usize, CAND: usize, COMP: usize, THC: usize, thMask: u32,
 ): void {
   // K experts have a logit >= T0 (see logitKeysPass)
   const T0 = hminU(v128.load(TOPS));
   // the threshold is capped at T0 so that the candidates hold every expert with a logit >= T0 whatever
   // thetaKey's rounding (it is below T0 anyway)
-  let n = collectAbove(XK, 0, roundUp4(E), min(thetaKey(T0, c), T0), CAND, 0);
+  let n = collectAbove(XK, 0, roundUp4(E), min(THC ? cachedTheta(T0, c, THC, thMask) : thetaKey(T0, c), T0), CAND, 0);
   // Second, exact cut: the candidates with a logit >= T0 are K or more experts, now with their exact keys,
   // so R, the smallest of those keys, has K experts at or above it. A candidate whose key is below R is
   // beaten strictly (on the key alone, whatever the indices) by K experts and is not chosen; and every
@@ -1764,6 +1784,15 @@ function forwardRows(
   // sigmoid selection from the logits' order (see selectSigmoidByLogits), where the caller does not need the
   // whole intermediate: margin >= 0
   const margin = hostInter ? logitsMargin(E, K, GK, fn, bias) : <f32>-1;
+  // its theta cache (see cachedTheta) lives in X, which only a row of another dtype than float32 needs:
+  // up to 256 slots of 2 words, a power of 2 that fits (E16 >= 32 words)
+  let THC: usize = 0;
+  let thMask: u32 = 0;
+  if (margin >= 0 && dt == DT_F32) {
+    THC = X;
+    thMask = (1 << min(8, 30 - <i32>clz(<u32>E16))) - 1; // slots: largest power of 2 <= min(256, E16 / 2)
+    zeroWords(X, <i32>(thMask + 1) << 1);
+  }
   for (let t = 0; t < T; t++) {
     const tt = <usize>t * <usize>E;
     const irow = hostInter ? IROW : inter + (tt << 2);
@@ -1783,7 +1812,7 @@ function forwardRows(
     let picked = false;
     if (margin >= 0 && !logitKeysPass(src, E, K, S, TOPS)) {
       // the logits' keys go to S (free: sigmoid's s is kept in the intermediate row)
-      selectSigmoidByLogits(src, bias, margin, E, K, radix, S, KEY, irow, TOPS, HIST, CHOSEN, CAND, COMP);
+      selectSigmoidByLogits(src, bias, margin, E, K, radix, S, KEY, irow, TOPS, HIST, CHOSEN, CAND, COMP, THC, thMask);
       picked = true;
       Sx = irow;
     } else if (fn == SCORE_SOFTMAX && pre) {

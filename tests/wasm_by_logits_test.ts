@@ -259,3 +259,51 @@ Deno.test("the intermediate read back from the saved logits (sigmoid with groups
     for (const [, r] of routers) r.dispose();
   }
 });
+
+Deno.test("sigmoid keyed by the logits: a call's theta is not taken from an earlier call's bias", async () => {
+  // The kernel keeps theta (the logit threshold) per bucket of T0 for one
+  // call, since it depends on the call's bias margin. Same logits, a narrow
+  // bias first (a tight theta), then a wide one that lifts expert 10 (logit
+  // 1, bias +0.3: score 1.03 against 0.88 for the top logit) into the top 2:
+  // a theta left from the first call would never key expert 10.
+  const T = 64;
+  const E = 64;
+  const x = new Float32Array(T * E);
+  const rng = mulberry32(11);
+  for (let t = 0; t < T; t++) {
+    for (let e = 0; e < E; e++) x[t * E + e] = -1 + 0.1 * rng();
+    x[t * E + 3] = 2;
+    x[t * E + 7] = 1.9;
+    x[t * E + 10] = 1;
+  }
+  const logits: FloatTensor = { data: x, shape: [T, E], dtype: "float32" };
+  const narrow = new Float32Array(E).map((_, e) => e * 1e-7);
+  const wide = new Float32Array(E);
+  wide[10] = 0.3;
+  for (const threads of [1, 2]) {
+    const router = await createRouter({ backend: "wasm", threads });
+    try {
+      for (const bias of [narrow, wide, narrow, wide]) {
+        const options: TopkOptions = {
+          topk: 2,
+          scoreFunction: "sigmoid",
+          expertBias: biasTensor(bias),
+          indexDtype: "int32",
+        };
+        const keyed = await router.fusedTopkWithScoreFunction(logits, options);
+        const full = await router.fusedTopkWithScoreFunction(logits, {
+          ...options,
+          intermediateOut: new Float32Array(T * E),
+        });
+        assertBitIdentical(keyed.indices!.data, full.indices!.data, `threads ${threads}: indices`);
+        assertBitIdentical(keyed.probs.data, full.probs.data, `threads ${threads}: probs`);
+        const first = keyed.indices!.data as Int32Array;
+        assert.deepStrictEqual([...first.subarray(0, 2)], bias === wide ? [10, 3] : [3, 7]);
+        keyed.saved.release();
+        full.saved.release();
+      }
+    } finally {
+      router.dispose();
+    }
+  }
+});

@@ -209,6 +209,7 @@ const VCONST = memory.data<f32>([
   reinterpret<f32>(<u32>0), reinterpret<f32>(<u32>1), reinterpret<f32>(<u32>2), reinterpret<f32>(<u32>3), // IOTA
   -Infinity, -Infinity, -Infinity, -Infinity, // NEG_INF
   reinterpret<f32>(<u32>0xc1800000), reinterpret<f32>(<u32>0xc1800000), reinterpret<f32>(<u32>0xc1800000), reinterpret<f32>(<u32>0xc1800000), // EXP_N125: -125 << 23
+  -86.0, -86.0, -86.0, -86.0, // SIG_SAFE
 ]);
 @inline function EXP_LO(): v128 { return v128.load(VCONST + 0); }
 @inline function EXP_HI(): v128 { return v128.load(VCONST + 16); }
@@ -246,6 +247,7 @@ const VCONST = memory.data<f32>([
 @inline function IOTA(): v128 { return v128.load(VCONST + 528); }
 @inline function NEG_INF(): v128 { return v128.load(VCONST + 544); }
 @inline function EXP_N125(): v128 { return v128.load(VCONST + 560); }
+@inline function SIG_SAFE(): v128 { return v128.load(VCONST + 576); }
 
 // exp(r) of the reduced argument, shared by vexp and vexpNeg: t is the
 // shifter sum (1.5 * 2^23 + n, n = round(xc / ln2)); r = xc - n*ln2 in two
@@ -385,7 +387,8 @@ const VCONST = memory.data<f32>([
 
 /**
  * Test hook: applies one vector routine (0 exp, 1 log1p, 2 sigmoid, 3 sqrtsoftplus, 4 exp of x <= 0,
- * 5 the forward's sigmoid, 6 the four-token kernel's exp of x <= 0, 7 the scalar NativeMathf.exp) to n
+ * 5 the forward's sigmoid, 6 the four-token kernel's exp of x <= 0, 7 the scalar NativeMathf.exp, 8 the
+ * forward's sigmoid for |x| <= 86: sigmoidSafe) to n
  * floats in place.
  */
 export function mathCheck(kind: i32, ptr: usize, n: i32): void {
@@ -403,6 +406,7 @@ export function mathCheck(kind: i32, ptr: usize, n: i32): void {
     else if (kind == 3) y = vsqrtsoftplus(x);
     else if (kind == 4) y = vexpNeg(x);
     else if (kind == 6) y = vexpLut(x);
+    else if (kind == 8) y = sigmoidSafe(x); // vsigmoidFast's bits where |x| <= 86 (sigmoidPassSafe)
     else y = vsigmoidFast(x);
     v128.store(p, y);
   }
@@ -993,6 +997,192 @@ const PASS_POST: i32 = 3; // keys of x itself
     g0 += gsize;
   }
   return v128.any_true(nan);
+}
+
+// fusedPass for sigmoid (PASS_SIGMOID) on rows of whole vectors, in fewer
+// steps, for tokens whose logits all have |x| <= 86: returns false when one
+// has not (or is NaN), and the caller runs fusedPass instead, which writes
+// everything again. The same bits as vsigmoidFast, since for those x:
+//   * vexpNeg's -|x| needs no clamp at -104, and its n >= -125 (the scale
+//     2^n is the one multiply);
+//   * n = nearest(-|x| * log2e) is the shifter's n (|n| < 2^22, both round
+//     half to even), one step shorter; n = -0 (where the shifter gives +0)
+//     changes no r: -|x| - n * LN2_HI is -|x| but for x = 0, where the two
+//     steps give +0 either way;
+//   * the lane select is the multiplier pmax(e, x < 0 ? 0 : 1) of d: e
+//     where x's sign is set, else 1 (e <= 1; 1 * d == d);
+// and no selection score is NaN when the bias has none (the caller checks),
+// so there is no NaN flag. (mathCheck 8 against 5: equal bits on every
+// float32 x with |x| <= 86.)
+@inline function sigmoidSafe(x: v128): v128 {
+  const xn = v128.or(x, SIGN_BIT()); // -|x|
+  const m = f32x4.mul(xn, LOG2E());
+  return sigmoidOfExp(x, expPoly(expArg(xn, m), f32x4.add(m, EXP_SHIFT())));
+}
+
+// sigmoidSafe's exp(-|x|), first steps: r = xn - n * ln2 (Cody-Waite; m = xn * log2e)
+@inline function expArg(xn: v128, m: v128): v128 {
+  const n = f32x4.nearest(m);
+  const r = f32x4.sub(xn, f32x4.mul(n, LN2_HI()));
+  return f32x4.sub(r, f32x4.mul(n, LN2_LO()));
+}
+
+// then the polynomial of expReduced, times 2^n (t: the shifter's sum)
+@inline function expPoly(r: v128, t: v128): v128 {
+  let p = EXP_P0();
+  p = f32x4.add(f32x4.mul(p, r), EXP_P1());
+  p = f32x4.add(f32x4.mul(p, r), EXP_P2());
+  p = f32x4.add(f32x4.mul(p, r), EXP_P3());
+  p = f32x4.add(f32x4.mul(p, r), EXP_P4());
+  p = f32x4.add(f32x4.mul(p, r), EXP_P5());
+  p = f32x4.add(f32x4.add(f32x4.mul(f32x4.mul(p, r), r), r), ONE());
+  return f32x4.mul(p, i32x4.add(i32x4.shl(t, 23), ONE_BITS()));
+}
+
+// and sigmoid(x) from e = exp(-|x|)
+@inline function sigmoidOfExp(x: v128, e: v128): v128 {
+  const one = ONE();
+  const d = f32x4.div(one, f32x4.add(one, e));
+  return f32x4.mul(f32x4.pmax(e, v128.andnot(one, i32x4.shr_s(x, 31))), d);
+}
+
+// the key of r = s + bias (see fusedPass: r is never -0 or, here, NaN)
+@inline function passKey(hasBias: bool, s: v128, bias: usize, o: usize): v128 {
+  const r = hasBias ? f32x4.add(s, v128.load(bias + o)) : s;
+  return hasBias ? v128.xor(r, v128.or(i32x4.shr_s(r, 31), SIGN_BIT())) : v128.or(r, SIGN_BIT());
+}
+
+// whether every lane of x has |x| <= 86 (NaN: no)
+@inline function sigmoidSafeLanes(x: v128): v128 {
+  return f32x4.ge(v128.or(x, SIGN_BIT()), SIG_SAFE());
+}
+
+// The pass of sigmoidSafe over a row (E a multiple of 4; runs as in fusedPass).
+@inline function sigmoidPassSafe(
+  hasBias: bool, track: bool,
+  src: usize, irow: usize, KEY: usize, bias: usize, ngroups: i32, gsize: i32, TOPS: usize,
+): bool {
+  let ok = i32x4.splat(-1);
+  let g0 = 0;
+  for (let g = 0; g < ngroups; g++) {
+    const end = g0 + gsize;
+    let m1 = f32x4.splat(0);
+    let m2 = f32x4.splat(0);
+    for (let i = g0; i < end; i += 4) {
+      const o = <usize>i << 2;
+      const x = v128.load(src + o);
+      ok = v128.and(ok, sigmoidSafeLanes(x));
+      const s = sigmoidSafe(x);
+      v128.store(irow + o, s);
+      const k = passKey(hasBias, s, bias, o);
+      v128.store(KEY + o, k);
+      if (track) {
+        m2 = i32x4.max_u(m2, i32x4.min_u(m1, k));
+        m1 = i32x4.max_u(m1, k);
+      }
+    }
+    if (track) {
+      v128.store(TOPS + (<usize>g << 5), m1);
+      v128.store(TOPS + (<usize>g << 5), m2, 16);
+    }
+    g0 += gsize;
+  }
+  return i32x4.all_true(ok);
+}
+
+// sigmoidPassSafe where the row and its runs are multiples of 8 experts, two
+// vectors a step, software-pipelined in three stages: a step finishes the
+// two vectors at i (stage C: d, s, key, lane lists), takes the two at i + 8
+// through the polynomial (B), and the two at i + 16 through the reduction
+// (A). The chain from a logit to its key is long (about 80 cycles of
+// latency) and the processor's window holds only a few vectors of it; here
+// each step's work is three independent chains. (The stages reading past
+// the row read its last two vectors again.)
+@inline function sigmoidPassPiped(
+  hasBias: bool, track: bool,
+  src: usize, E: i32, irow: usize, KEY: usize, bias: usize, gsize: i32, TOPS: usize,
+): bool {
+  const last = E - 8;
+  // prologue: the first two vectors through A and B, the next two through A
+  let xB0 = v128.load(src);
+  let xB1 = v128.load(src, 16);
+  let ok = v128.and(sigmoidSafeLanes(xB0), sigmoidSafeLanes(xB1));
+  let xn0 = v128.or(xB0, SIGN_BIT()), xn1 = v128.or(xB1, SIGN_BIT());
+  let m0 = f32x4.mul(xn0, LOG2E()), m1 = f32x4.mul(xn1, LOG2E());
+  let eB0 = expPoly(expArg(xn0, m0), f32x4.add(m0, EXP_SHIFT()));
+  let eB1 = expPoly(expArg(xn1, m1), f32x4.add(m1, EXP_SHIFT()));
+  const a = <usize>min(8, last) << 2;
+  let xA0 = v128.load(src + a);
+  let xA1 = v128.load(src + a, 16);
+  ok = v128.and(ok, v128.and(sigmoidSafeLanes(xA0), sigmoidSafeLanes(xA1)));
+  xn0 = v128.or(xA0, SIGN_BIT());
+  xn1 = v128.or(xA1, SIGN_BIT());
+  m0 = f32x4.mul(xn0, LOG2E());
+  m1 = f32x4.mul(xn1, LOG2E());
+  let rA0 = expArg(xn0, m0), rA1 = expArg(xn1, m1);
+  let tA0 = f32x4.add(m0, EXP_SHIFT()), tA1 = f32x4.add(m1, EXP_SHIFT());
+  let top1 = f32x4.splat(0);
+  let top2 = f32x4.splat(0);
+  let gEnd = gsize;
+  let T = TOPS;
+  for (let i = 0; i < E; i += 8) {
+    const o = <usize>i << 2;
+    // A: the two at i + 16
+    const on = <usize>min(i + 16, last) << 2;
+    const y0 = v128.load(src + on);
+    const y1 = v128.load(src + on, 16);
+    ok = v128.and(ok, v128.and(sigmoidSafeLanes(y0), sigmoidSafeLanes(y1)));
+    const yn0 = v128.or(y0, SIGN_BIT()), yn1 = v128.or(y1, SIGN_BIT());
+    const n0 = f32x4.mul(yn0, LOG2E()), n1 = f32x4.mul(yn1, LOG2E());
+    const r0 = expArg(yn0, n0), r1 = expArg(yn1, n1);
+    const t0 = f32x4.add(n0, EXP_SHIFT()), t1 = f32x4.add(n1, EXP_SHIFT());
+    // B: the two at i + 8
+    const e0 = expPoly(rA0, tA0);
+    const e1 = expPoly(rA1, tA1);
+    // C: the two at i
+    const s0 = sigmoidOfExp(xB0, eB0);
+    v128.store(irow + o, s0);
+    const k0 = passKey(hasBias, s0, bias, o);
+    v128.store(KEY + o, k0);
+    const s1 = sigmoidOfExp(xB1, eB1);
+    v128.store(irow + o, s1, 16);
+    const k1 = passKey(hasBias, s1, bias + 16, o);
+    v128.store(KEY + o, k1, 16);
+    if (track) {
+      top2 = i32x4.max_u(top2, i32x4.min_u(top1, k0));
+      top1 = i32x4.max_u(top1, k0);
+      top2 = i32x4.max_u(top2, i32x4.min_u(top1, k1));
+      top1 = i32x4.max_u(top1, k1);
+      if (i + 8 == gEnd) {
+        v128.store(T, top1);
+        v128.store(T, top2, 16);
+        top1 = f32x4.splat(0);
+        top2 = f32x4.splat(0);
+        T += 32;
+        gEnd += gsize;
+      }
+    }
+    xB0 = xA0;
+    xB1 = xA1;
+    eB0 = e0;
+    eB1 = e1;
+    xA0 = y0;
+    xA1 = y1;
+    rA0 = r0;
+    rA1 = r1;
+    tA0 = t0;
+    tA1 = t1;
+  }
+  return i32x4.all_true(ok);
+}
+
+// Whether any of n floats is NaN.
+function anyNaN(p: usize, n: i32): bool {
+  for (let i = 0; i < n; i++) {
+    const v = load<f32>(p + (<usize>i << 2));
+    if (v != v) return true;
+  }
+  return false;
 }
 
 // Keys again, NaN case included, from the selection scores of the row
@@ -1793,6 +1983,10 @@ function forwardRows(
     thMask = (1 << min(8, 30 - <i32>clz(<u32>E16))) - 1; // slots: largest power of 2 <= min(256, E16 / 2)
     zeroWords(X, <i32>(thMask + 1) << 1);
   }
+  // sigmoid's short pass applies (see sigmoidPassSafe): whole vectors, no NaN in the bias; pipelined where
+  // the row and its runs are pairs of vectors
+  const sigSafe = fn == SCORE_SIGMOID && (E & 3) == 0 && !(bias && anyNaN(bias, E));
+  const piped = (E & 7) == 0 && (gsize & 7) == 0;
   for (let t = 0; t < T; t++) {
     const tt = <usize>t * <usize>E;
     const irow = hostInter ? IROW : inter + (tt << 2);
@@ -1846,13 +2040,29 @@ function forwardRows(
     } else if (fn == SCORE_SIGMOID) {
       // sigmoid: the intermediate is s
       if (bias) {
-        nan = track
-          ? fusedPass(PASS_SIGMOID, true, true, src, E, irow, S, KEY, bias, zero, ngroups, gsize, TOPS)
-          : fusedPass(PASS_SIGMOID, true, false, src, E, irow, S, KEY, bias, zero, 1, E4, TOPS);
+        if (!(sigSafe && (piped
+          ? track
+            ? sigmoidPassPiped(true, true, src, E, irow, KEY, bias, gsize, TOPS)
+            : sigmoidPassPiped(true, false, src, E, irow, KEY, bias, E, TOPS)
+          : track
+            ? sigmoidPassSafe(true, true, src, irow, KEY, bias, ngroups, gsize, TOPS)
+            : sigmoidPassSafe(true, false, src, irow, KEY, bias, 1, E4, TOPS)))) {
+          nan = track
+            ? fusedPass(PASS_SIGMOID, true, true, src, E, irow, S, KEY, bias, zero, ngroups, gsize, TOPS)
+            : fusedPass(PASS_SIGMOID, true, false, src, E, irow, S, KEY, bias, zero, 1, E4, TOPS);
+        }
       } else {
-        nan = track
-          ? fusedPass(PASS_SIGMOID, false, true, src, E, irow, S, KEY, 0, zero, ngroups, gsize, TOPS)
-          : fusedPass(PASS_SIGMOID, false, false, src, E, irow, S, KEY, 0, zero, 1, E4, TOPS);
+        if (!(sigSafe && (piped
+          ? track
+            ? sigmoidPassPiped(false, true, src, E, irow, KEY, 0, gsize, TOPS)
+            : sigmoidPassPiped(false, false, src, E, irow, KEY, 0, E, TOPS)
+          : track
+            ? sigmoidPassSafe(false, true, src, irow, KEY, 0, ngroups, gsize, TOPS)
+            : sigmoidPassSafe(false, false, src, irow, KEY, 0, 1, E4, TOPS)))) {
+          nan = track
+            ? fusedPass(PASS_SIGMOID, false, true, src, E, irow, S, KEY, 0, zero, ngroups, gsize, TOPS)
+            : fusedPass(PASS_SIGMOID, false, false, src, E, irow, S, KEY, 0, zero, 1, E4, TOPS);
+        }
       }
       Sx = irow;
     } else {

@@ -210,6 +210,9 @@ const VCONST = memory.data<f32>([
   -Infinity, -Infinity, -Infinity, -Infinity, // NEG_INF
   reinterpret<f32>(<u32>0xc1800000), reinterpret<f32>(<u32>0xc1800000), reinterpret<f32>(<u32>0xc1800000), reinterpret<f32>(<u32>0xc1800000), // EXP_N125: -125 << 23
   -86.0, -86.0, -86.0, -86.0, // SIG_SAFE
+  reinterpret<f32>(<u32>0), reinterpret<f32>(<u32>0), reinterpret<f32>(<u32>0), reinterpret<f32>(<u32>0xffffffff), // TIE1
+  reinterpret<f32>(<u32>0), reinterpret<f32>(<u32>0), reinterpret<f32>(<u32>0xffffffff), reinterpret<f32>(<u32>0xffffffff), // TIE2
+  reinterpret<f32>(<u32>0), reinterpret<f32>(<u32>0xffffffff), reinterpret<f32>(<u32>0xffffffff), reinterpret<f32>(<u32>0xffffffff), // TIE3
 ]);
 @inline function EXP_LO(): v128 { return v128.load(VCONST + 0); }
 @inline function EXP_HI(): v128 { return v128.load(VCONST + 16); }
@@ -248,6 +251,10 @@ const VCONST = memory.data<f32>([
 @inline function NEG_INF(): v128 { return v128.load(VCONST + 544); }
 @inline function EXP_N125(): v128 { return v128.load(VCONST + 560); }
 @inline function SIG_SAFE(): v128 { return v128.load(VCONST + 576); }
+// lanes j >= 4 - q: rotated by q lanes (lane j reads lane (j + q) & 3), the lanes that read an earlier lane
+@inline function TIE1(): v128 { return v128.load(VCONST + 592); }
+@inline function TIE2(): v128 { return v128.load(VCONST + 608); }
+@inline function TIE3(): v128 { return v128.load(VCONST + 624); }
 
 // exp(r) of the reduced argument, shared by vexp and vexpNeg: t is the
 // shifter sum (1.5 * 2^23 + n, n = round(xc / ln2)); r = xc - n*ln2 in two
@@ -1015,7 +1022,9 @@ const PASS_POST: i32 = 3; // keys of x itself
 // so there is no NaN flag. (mathCheck 8 against 5: equal bits on every
 // float32 x with |x| <= 86.)
 @inline function sigmoidSafe(x: v128): v128 {
-  const xn = v128.or(x, SIGN_BIT()); // -|x|
+  return sigmoidSafeN(x, v128.or(x, SIGN_BIT()));
+}
+@inline function sigmoidSafeN(x: v128, xn: v128): v128 {
   const m = f32x4.mul(xn, LOG2E());
   return sigmoidOfExp(x, expPoly(expArg(xn, m), f32x4.add(m, EXP_SHIFT())));
 }
@@ -1052,9 +1061,11 @@ const PASS_POST: i32 = 3; // keys of x itself
   return hasBias ? v128.xor(r, v128.or(i32x4.shr_s(r, 31), SIGN_BIT())) : v128.or(r, SIGN_BIT());
 }
 
-// whether every lane of x has |x| <= 86 (NaN: no)
-@inline function sigmoidSafeLanes(x: v128): v128 {
-  return f32x4.ge(v128.or(x, SIGN_BIT()), SIG_SAFE());
+// Whether sigmoidSafe applies to every lane seen, from the lane-wise signed
+// maximum of the bits of xn = -|x| (larger for a larger |x|, and largest
+// for NaN): |x| <= 86.
+@inline function sigmoidSafeAll(mx: v128): bool {
+  return !v128.any_true(i32x4.gt_s(mx, SIG_SAFE()));
 }
 
 // The pass of sigmoidSafe over a row (E a multiple of 4; runs as in fusedPass).
@@ -1062,7 +1073,7 @@ const PASS_POST: i32 = 3; // keys of x itself
   hasBias: bool, track: bool,
   src: usize, irow: usize, KEY: usize, bias: usize, ngroups: i32, gsize: i32, TOPS: usize,
 ): bool {
-  let ok = i32x4.splat(-1);
+  let mx = SIGN_BIT();
   let g0 = 0;
   for (let g = 0; g < ngroups; g++) {
     const end = g0 + gsize;
@@ -1071,8 +1082,9 @@ const PASS_POST: i32 = 3; // keys of x itself
     for (let i = g0; i < end; i += 4) {
       const o = <usize>i << 2;
       const x = v128.load(src + o);
-      ok = v128.and(ok, sigmoidSafeLanes(x));
-      const s = sigmoidSafe(x);
+      const xn = v128.or(x, SIGN_BIT()); // -|x|
+      mx = i32x4.max_s(mx, xn);
+      const s = sigmoidSafeN(x, xn);
       v128.store(irow + o, s);
       const k = passKey(hasBias, s, bias, o);
       v128.store(KEY + o, k);
@@ -1087,7 +1099,7 @@ const PASS_POST: i32 = 3; // keys of x itself
     }
     g0 += gsize;
   }
-  return i32x4.all_true(ok);
+  return sigmoidSafeAll(mx);
 }
 
 // sigmoidPassSafe where the row and its runs are multiples of 8 experts, two
@@ -1106,17 +1118,17 @@ const PASS_POST: i32 = 3; // keys of x itself
   // prologue: the first two vectors through A and B, the next two through A
   let xB0 = v128.load(src);
   let xB1 = v128.load(src, 16);
-  let ok = v128.and(sigmoidSafeLanes(xB0), sigmoidSafeLanes(xB1));
   let xn0 = v128.or(xB0, SIGN_BIT()), xn1 = v128.or(xB1, SIGN_BIT());
+  let mx = i32x4.max_s(xn0, xn1);
   let m0 = f32x4.mul(xn0, LOG2E()), m1 = f32x4.mul(xn1, LOG2E());
   let eB0 = expPoly(expArg(xn0, m0), f32x4.add(m0, EXP_SHIFT()));
   let eB1 = expPoly(expArg(xn1, m1), f32x4.add(m1, EXP_SHIFT()));
   const a = <usize>min(8, last) << 2;
   let xA0 = v128.load(src + a);
   let xA1 = v128.load(src + a, 16);
-  ok = v128.and(ok, v128.and(sigmoidSafeLanes(xA0), sigmoidSafeLanes(xA1)));
   xn0 = v128.or(xA0, SIGN_BIT());
   xn1 = v128.or(xA1, SIGN_BIT());
+  mx = i32x4.max_s(mx, i32x4.max_s(xn0, xn1));
   m0 = f32x4.mul(xn0, LOG2E());
   m1 = f32x4.mul(xn1, LOG2E());
   let rA0 = expArg(xn0, m0), rA1 = expArg(xn1, m1);
@@ -1131,8 +1143,8 @@ const PASS_POST: i32 = 3; // keys of x itself
     const on = <usize>min(i + 16, last) << 2;
     const y0 = v128.load(src + on);
     const y1 = v128.load(src + on, 16);
-    ok = v128.and(ok, v128.and(sigmoidSafeLanes(y0), sigmoidSafeLanes(y1)));
     const yn0 = v128.or(y0, SIGN_BIT()), yn1 = v128.or(y1, SIGN_BIT());
+    mx = i32x4.max_s(mx, i32x4.max_s(yn0, yn1));
     const n0 = f32x4.mul(yn0, LOG2E()), n1 = f32x4.mul(yn1, LOG2E());
     const r0 = expArg(yn0, n0), r1 = expArg(yn1, n1);
     const t0 = f32x4.add(n0, EXP_SHIFT()), t1 = f32x4.add(n1, EXP_SHIFT());
@@ -1173,7 +1185,7 @@ const PASS_POST: i32 = 3; // keys of x itself
     tA0 = t0;
     tA1 = t1;
   }
-  return i32x4.all_true(ok);
+  return sigmoidSafeAll(mx);
 }
 
 // Whether any of n floats is NaN.
@@ -1251,18 +1263,34 @@ function rankGroups(G: i32, GK: i32, per: i32, TOPS: usize, GKEY: usize, GBOUND:
     v128.store(GKEY + o, v128.and(vkey(sum), inRow(b, G))); // groups past G: KEY_OUT
     v128.store(GBOUND + o, bound);
   }
-  // ranks, with keys as signed numbers (key ^ 0x80000000) for one-instruction compares
+  // ranks, with keys as signed numbers (key ^ 0x80000000) for one-instruction compares: the groups of
+  // each vector of 4 against those of each vector in turn, rotated lane by lane (groups past G hold
+  // KEY_OUT, which beats no group)
   let t0 = i32x4.splat(-1);
   const gk = i32x4.splat(GK);
   for (let b = 0; b < G; b += 4) {
     const o = <usize>b << 2;
     const kb = v128.xor(v128.load(GKEY + o), SIGN_BIT());
-    const gi = i32x4.add(IOTA(), i32x4.splat(b));
     let rank = i32x4.splat(0);
-    for (let h = 0; h < G; h++) {
-      const kh = i32x4.splat(load<i32>(GKEY + (<usize>h << 2)) ^ 0x80000000);
-      const beats = v128.or(i32x4.gt_s(kh, kb), v128.and(i32x4.eq(kh, kb), i32x4.gt_s(gi, i32x4.splat(h))));
-      rank = i32x4.sub(rank, beats);
+    for (let c = 0; c < G; c += 4) {
+      const kc = v128.xor(v128.load(GKEY + (<usize>c << 2)), SIGN_BIT());
+      const k1 = i32x4.shuffle(kc, kc, 1, 2, 3, 0);
+      const k2 = i32x4.shuffle(kc, kc, 2, 3, 0, 1);
+      const k3 = i32x4.shuffle(kc, kc, 3, 0, 1, 2);
+      if (c == b) {
+        // the other lanes of the same vector: an equal key beats from a lower lane
+        const b1 = v128.or(i32x4.gt_s(k1, kb), v128.and(i32x4.eq(k1, kb), TIE1()));
+        const b2 = v128.or(i32x4.gt_s(k2, kb), v128.and(i32x4.eq(k2, kb), TIE2()));
+        const b3 = v128.or(i32x4.gt_s(k3, kb), v128.and(i32x4.eq(k3, kb), TIE3()));
+        rank = i32x4.sub(rank, i32x4.add(b1, i32x4.add(b2, b3)));
+      } else if (c < b) {
+        // lower groups: beat with an equal key; 4 less the ones kb beats strictly
+        const w = i32x4.add(i32x4.add(i32x4.gt_s(kb, kc), i32x4.gt_s(kb, k1)), i32x4.add(i32x4.gt_s(kb, k2), i32x4.gt_s(kb, k3)));
+        rank = i32x4.add(rank, i32x4.add(w, i32x4.splat(4)));
+      } else {
+        const w = i32x4.add(i32x4.add(i32x4.gt_s(kc, kb), i32x4.gt_s(k1, kb)), i32x4.add(i32x4.gt_s(k2, kb), i32x4.gt_s(k3, kb)));
+        rank = i32x4.sub(rank, w);
+      }
     }
     const kept = v128.and(i32x4.lt_s(rank, gk), inRow(b, G));
     v128.store(GKEEP + o, kept);
@@ -1277,42 +1305,41 @@ function rankGroups(G: i32, GK: i32, per: i32, TOPS: usize, GKEY: usize, GBOUND:
   return v128.xor(k, v128.or(v128.not(i32x4.shr_s(k, 31)), SIGN_BIT()));
 }
 
-// Byte shuffles that move the lanes of a 4-bit mask (bit j: lane j) to the
-// front of a vector, in lane order: the branch-free compaction of collectAbove.
-const COMPACT = memory.data<u8>([
-  0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 0000
-  0x00, 0x01, 0x02, 0x03, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 1000
-  0x04, 0x05, 0x06, 0x07, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 0100
-  0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 1100
-  0x08, 0x09, 0x0a, 0x0b, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 0010
-  0x00, 0x01, 0x02, 0x03, 0x08, 0x09, 0x0a, 0x0b, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 1010
-  0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 0110
-  0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x80, 0x80, 0x80, 0x80, // 1110
-  0x0c, 0x0d, 0x0e, 0x0f, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 0001
-  0x00, 0x01, 0x02, 0x03, 0x0c, 0x0d, 0x0e, 0x0f, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 1001
-  0x04, 0x05, 0x06, 0x07, 0x0c, 0x0d, 0x0e, 0x0f, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 0101
-  0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x0c, 0x0d, 0x0e, 0x0f, 0x80, 0x80, 0x80, 0x80, // 1101
-  0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, // 0011
-  0x00, 0x01, 0x02, 0x03, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, 0x80, 0x80, 0x80, 0x80, // 1011
-  0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, 0x80, 0x80, 0x80, 0x80, // 0111
-  0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e, 0x0f, // 1111
+// The lanes of a 4-bit mask (bit j: lane j) in lane order, then 0s: the
+// branch-free compaction of collectAbove (an expert's id is the vector's
+// first id plus its lane).
+const COMPACT = memory.data<i32>([
+  0, 0, 0, 0, // 0000
+  0, 0, 0, 0, // 1000
+  1, 0, 0, 0, // 0100
+  0, 1, 0, 0, // 1100
+  2, 0, 0, 0, // 0010
+  0, 2, 0, 0, // 1010
+  1, 2, 0, 0, // 0110
+  0, 1, 2, 0, // 1110
+  3, 0, 0, 0, // 0001
+  0, 3, 0, 0, // 1001
+  1, 3, 0, 0, // 0101
+  0, 1, 3, 0, // 1101
+  2, 3, 0, 0, // 0011
+  0, 2, 3, 0, // 1011
+  1, 2, 3, 0, // 0111
+  0, 1, 2, 3, // 1111
 ]);
 
 // Appends to CAND, in index order, the experts of [from, to) (multiples of
 // 4) whose key is >= T0; returns the new count. Each vector's hits are
-// compacted by a byte shuffle and stored whole (up to 3 lanes past the new
-// count are scratch), so no branch depends on the keys.
+// compacted (their lanes from COMPACT, plus the vector's first id) and
+// stored whole (up to 3 lanes past the new count are scratch), so no branch
+// depends on the keys.
 @inline function collectAbove(KEY: usize, from: i32, to: i32, T0: u32, CAND: usize, n: i32): i32 {
   const t = i32x4.splat(T0);
-  const step = i32x4.splat(4);
-  let ids = i32x4.add(i32x4.splat(from), IOTA());
   for (let i = from; i < to; i += 4) {
     const v = v128.load(KEY + (<usize>i << 2));
     // keys >= T0: max_u(v, t) == v
     const hits = i32x4.bitmask(i32x4.eq(i32x4.max_u(v, t), v));
-    v128.store(CAND + (<usize>n << 2), i8x16.swizzle(ids, v128.load(COMPACT + (<usize>hits << 4))));
+    v128.store(CAND + (<usize>n << 2), i32x4.add(v128.load(COMPACT + (<usize>hits << 4)), i32x4.splat(i)));
     n += <i32>popcnt(hits);
-    ids = i32x4.add(ids, step);
   }
   return n;
 }

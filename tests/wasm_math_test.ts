@@ -11,7 +11,7 @@ import { assertBitIdentical } from "./_assert.ts";
 import { WasmBackend } from "../wasm/backend.ts";
 
 // mathCheck kinds (see mathCheck in wasm/assembly/router.ts)
-const EXP = 0, SIGMOID = 2, EXP_NEG = 4, SIGMOID_FAST = 5;
+const EXP = 0, SIGMOID = 2, EXP_NEG = 4, SIGMOID_FAST = 5, SIGMOID_SAFE = 8;
 
 function inputs(filter: (bits: number) => boolean): Float32Array {
   const bits: number[] = [];
@@ -43,6 +43,39 @@ Deno.test("the forward's sigmoid gives the bits of the general sigmoid for every
   const b = await WasmBackend.create({ threads: 1 });
   const xs = inputs(() => true);
   assertBitIdentical(b.mathCheck(SIGMOID_FAST, xs), b.mathCheck(SIGMOID, xs), "sigmoid");
+  b.dispose();
+});
+
+// The grouped sigmoid pass takes sigmoidSafe (no clamps, n by nearest, the lane select as a multiply) for
+// tokens whose logits all have |x| <= 86, and the general pass for the others: the two must agree there, bit
+// for bit. On the stride and every float32 of [-1, 1] in steps of 2^-16 plus the edges; all 2.2e9 such floats
+// with MOE_EXHAUSTIVE=1 (about 45 s).
+Deno.test("the forward's short sigmoid gives the bits of its sigmoid wherever |x| <= 86", async () => {
+  const b = await WasmBackend.create({ threads: 1 });
+  const safe = (bits: number) => {
+    const f = new Float32Array(new Uint32Array([bits]).buffer)[0] as number;
+    return Math.abs(f) <= 86;
+  };
+  const check = (xs: Float32Array, label: string) =>
+    assertBitIdentical(b.mathCheck(SIGMOID_SAFE, xs), b.mathCheck(SIGMOID_FAST, xs), label);
+  if (Deno.env.get("MOE_EXHAUSTIVE") === "1") {
+    const limit = 0x42ac0000; // 86.0
+    const chunk = new Uint32Array(1 << 22);
+    for (const sign of [0, 0x80000000]) {
+      for (let start = 0; start <= limit; start += chunk.length) {
+        const n = Math.min(chunk.length, limit + 1 - start);
+        for (let i = 0; i < n; i++) chunk[i] = (sign | (start + i)) >>> 0;
+        check(new Float32Array(chunk.buffer, 0, n), `sigmoidSafe from bits ${sign | start}`);
+      }
+    }
+  } else {
+    const xs = inputs(safe);
+    assert.ok(xs.length > 30000, `${xs.length} inputs`);
+    check(xs, "sigmoidSafe on the stride");
+    const edges = [86, -86, 85.99999, -85.99999, 0, -0, 1e-45, -1e-45, 2 ** -126, -(2 ** -126), 0.5, -0.5, 16.635532];
+    check(Float32Array.from(edges), "sigmoidSafe on the edges");
+    check(Float32Array.from({ length: (1 << 17) + 1 }, (_, i) => -1 + i / 65536), "sigmoidSafe on [-1, 1]");
+  }
   b.dispose();
 });
 

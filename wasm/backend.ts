@@ -945,7 +945,6 @@ export class WasmBackend implements Backend {
     const rB = routeRowBytes(route, E, K);
     const out = outBuf ?? newFloat(dtype, T * E);
     const n = this.#chunk(T, 2 * E * inB + 4 * E + rB);
-    const k = this.#k;
     const L = new Layout(this.#base());
     const scratch = this.#scratch(L, this.#scratchBytes(E, K, 0, "fusedTopkWithScoreFunctionBackward"));
     const gradP = L.take(n * E * inB);
@@ -988,7 +987,6 @@ export class WasmBackend implements Backend {
       // the saved state's own intermediate (the backward's input), copied out for a caller on demand
       const intermediate = new Float32Array(this.#saved.take(T * E * 4));
       const n = this.#chunk(T, E * inB + 8 * E + rB);
-      const k = this.#k;
       const L = new Layout(this.#base());
       const scratch = this.#scratch(L, this.#scratchBytes(E, K, 0, "fusedComputeScoreForMoEAuxLoss"));
       const inP = L.take(n * E * inB);
@@ -1028,7 +1026,6 @@ export class WasmBackend implements Backend {
       const outB = BYTES_OF[dtype];
       const out = newFloat(dtype, T * E);
       const n = this.#chunk(T, 8 * E + E * outB);
-      const k = this.#k;
       const L = new Layout(this.#base());
       const scratch = this.#scratch(L, this.#scratchBytes(E, 1, 0, "fusedComputeScoreForMoEAuxLossBackward"));
       const gradP = L.take(n * E * 4);

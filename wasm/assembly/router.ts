@@ -1502,11 +1502,25 @@ function sigmoidMargin(bias: usize, E: i32): f32 {
 
 // One pass over a token's logits: their keys into XK (pad lanes 0) and,
 // into TOPS, a vector whose smallest lane is a key with K logits at or above
-// it: the per-lane ceil(K / 4)-th largest keys, from per-lane lists kept in
-// the same pass (depth 2 up to K = 8, as fusedPass; else 8, as laneLists).
-// Returns whether a logit is NaN (the token then takes the full pass).
+// it (logitKeysPairs up to K = 8, else logitKeysLists). Returns whether a
+// logit is NaN (the token then takes the full pass).
 @inline function logitKeysPass(src: usize, E: i32, K: i32, XK: usize, TOPS: usize): bool {
-  return K <= 8 ? logitKeysPairs(src, E, K, XK, TOPS) : logitKeysLists(src, E, K, XK, TOPS, 8);
+  return K <= 8 ? logitKeysPairs(src, E, K, XK, TOPS) : logitKeysLists(src, E, K, XK, TOPS);
+}
+
+// The keys of the logits x of experts i .. i + 3, also stored at XK; lanes
+// past E (the row's last, partial vector) get key 0.
+@inline function logitKey(x: v128, i: i32, E: i32, XK: usize): v128 {
+  const v = v128.xor(x, v128.or(i32x4.shr_s(x, 31), SIGN_BIT()));
+  const k = i + 4 > E ? v128.and(v, inRow(i, E)) : v;
+  v128.store(XK + (<usize>i << 2), k);
+  return k;
+}
+
+// The NaN lanes of that vector within the row.
+@inline function logitNaN(x: v128, i: i32, E: i32): v128 {
+  const bad = f32x4.ne(x, x);
+  return i + 4 > E ? v128.and(bad, inRow(i, E)) : bad;
 }
 
 // logitKeysPass for K <= 8: the vectors go in turn to two sets of per-lane
@@ -1521,32 +1535,16 @@ function sigmoidMargin(bias: usize, E: i32): f32 {
   let nan = z;
   let a0 = z, a1 = z, b0 = z, b1 = z;
   for (let i = 0; i < E; i += 8) {
-    const o = <usize>i << 2;
-    const x = v128.load(src + o);
-    let v = v128.xor(x, v128.or(i32x4.shr_s(x, 31), SIGN_BIT()));
-    let bad = f32x4.ne(x, x);
-    if (i + 4 > E) {
-      // the row's last, partial vector: lanes past E get key 0
-      const inside = inRow(i, E);
-      v = v128.and(v, inside);
-      bad = v128.and(bad, inside);
-    }
-    nan = v128.or(nan, bad);
-    v128.store(XK + o, v);
+    const x = v128.load(src + (<usize>i << 2));
+    let v = logitKey(x, i, E, XK);
+    nan = v128.or(nan, logitNaN(x, i, E));
     let m = a0; a0 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
     a1 = i32x4.max_u(a1, v);
     if (i + 4 >= E) break;
     // the next vector, into the second set
-    const y = v128.load(src + o, 16);
-    let w = v128.xor(y, v128.or(i32x4.shr_s(y, 31), SIGN_BIT()));
-    bad = f32x4.ne(y, y);
-    if (i + 8 > E) {
-      const inside = inRow(i + 4, E);
-      w = v128.and(w, inside);
-      bad = v128.and(bad, inside);
-    }
-    nan = v128.or(nan, bad);
-    v128.store(XK + o, w, 16);
+    const y = v128.load(src + (<usize>i << 2), 16);
+    let w = logitKey(y, i + 4, E, XK);
+    nan = v128.or(nan, logitNaN(y, i + 4, E));
     m = b0; b0 = i32x4.max_u(m, w); w = i32x4.min_u(m, w);
     b1 = i32x4.max_u(b1, w);
   }
@@ -1581,28 +1579,17 @@ function kthOf16(v0: v128, v1: v128, v2: v128, v3: v128, K: i32): u32 {
   return hmaxU(best);
 }
 
-@inline function logitKeysLists(src: usize, E: i32, K: i32, XK: usize, TOPS: usize, depth: i32): bool {
+// logitKeysPass for K <= 32: per-lane lists 8 deep (as laneLists), whose
+// ceil(K / 4)-th largest keys have K logits at or above the smallest.
+@inline function logitKeysLists(src: usize, E: i32, K: i32, XK: usize, TOPS: usize): bool {
   const z = f32x4.splat(0);
   let nan = z;
   let l0 = z, l1 = z, l2 = z, l3 = z, l4 = z, l5 = z, l6 = z, l7 = z;
   for (let i = 0; i < E; i += 4) {
-    const o = <usize>i << 2;
-    const x = v128.load(src + o);
-    let v = v128.xor(x, v128.or(i32x4.shr_s(x, 31), SIGN_BIT()));
-    let bad = f32x4.ne(x, x);
-    if (i + 4 > E) {
-      // the row's last, partial vector: lanes past E get key 0
-      const inside = inRow(i, E);
-      v = v128.and(v, inside);
-      bad = v128.and(bad, inside);
-    }
-    nan = v128.or(nan, bad);
-    v128.store(XK + o, v);
+    const x = v128.load(src + (<usize>i << 2));
+    let v = logitKey(x, i, E, XK);
+    nan = v128.or(nan, logitNaN(x, i, E));
     let m = l0; l0 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
-    if (depth == 2) {
-      l1 = i32x4.max_u(l1, v);
-      continue;
-    }
     m = l1; l1 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
     m = l2; l2 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);
     m = l3; l3 = i32x4.max_u(m, v); v = i32x4.min_u(m, v);

@@ -19,7 +19,8 @@ export function copier(kept: Float32Array): () => Float32Array {
 /** Flat outputs of a top-k forward; `payload` is what the backward needs. */
 export interface TopkForwardOut {
   probs: FloatTensor["data"];
-  intermediate: HostIntermediate;
+  /** null where the plan saves nothing (plan.save false), like the payload. */
+  intermediate: HostIntermediate | null;
   /** uint8 map, or the dense index array (the caller's indicesOut when given). */
   route: Uint8Array | IndexArray;
   payload: unknown;

@@ -108,6 +108,27 @@ export interface TopkOptions {
   intermediateOut?: Float32Array;
   /** Caller buffer for the routing map (T*E bytes, or T*ceil(E/8) for bitmap_u8): written in place and returned. */
   routingMapOut?: Uint8Array;
+  /**
+   * Keep what the backward needs, the intermediate and a saved state (default
+   * true). Pass `false` for routing alone, as at inference: see
+   * {@linkcode TopkInferenceOptions}.
+   */
+  saveForBackward?: true;
+}
+
+/**
+ * Options of {@linkcode fusedTopkWithScoreFunction} for routing alone
+ * (inference, or any call whose backward never runs): `saveForBackward:
+ * false` keeps nothing for a backward, so the result has no `intermediate`
+ * and no `saved` state ({@linkcode TopkInferenceResult}), and the forward
+ * skips their work (the WebAssembly backend: the copy of the logits or the
+ * intermediate rows the state keeps, and the state's copies of the routing
+ * output). probs and the routing output are bit for bit those of a forward
+ * that saves. `intermediateOut` does not apply.
+ */
+export interface TopkInferenceOptions extends Omit<TopkOptions, "saveForBackward" | "intermediateOut"> {
+  /** false: keep nothing for a backward. */
+  saveForBackward: false;
 }
 
 /** Options of {@linkcode fusedComputeScoreForMoEAuxLoss}. */
@@ -191,6 +212,9 @@ export interface TopkResult {
   saved: SavedState;
 }
 
+/** Result of {@linkcode fusedTopkWithScoreFunction} with `saveForBackward: false`: probs and the routing output. */
+export type TopkInferenceResult = Omit<TopkResult, "intermediate" | "saved">;
+
 /**
  * Options of {@linkcode fusedTopkWithScoreFunction} on GPU-resident logits:
  * those of {@linkcode TopkOptions} but the caller output buffers (the outputs
@@ -202,6 +226,19 @@ export type GpuTopkOptions =
     /** Per-expert bias, shape [E], on the host or on the router's device. */
     expertBias?: FloatTensor | GpuTensor<FloatDType>;
   };
+
+/** {@linkcode GpuTopkOptions} for routing alone: see {@linkcode TopkInferenceOptions}. */
+export type GpuTopkInferenceOptions = Omit<GpuTopkOptions, "saveForBackward"> & {
+  /** false: keep nothing for a backward. */
+  saveForBackward: false;
+};
+
+/**
+ * Result of {@linkcode fusedTopkWithScoreFunction} on GPU-resident logits
+ * with `saveForBackward: false`: probs and the routing output, new
+ * GpuTensors the caller owns.
+ */
+export type GpuTopkInferenceResult = Omit<GpuTopkResult, "intermediate" | "saved">;
 
 /**
  * Result of {@linkcode fusedTopkWithScoreFunction} on GPU-resident logits:

@@ -56,6 +56,8 @@ export interface TopkPlan {
   readonly intermediateOut: Float32Array | null;
   readonly routingMapOut: Uint8Array | null;
   readonly radixThreshold: number;
+  /** false: routing alone (no intermediate, no saved state; see TopkInferenceOptions). */
+  readonly save: boolean;
 }
 
 /** Everything a backend needs for the aux-loss scores. */
@@ -282,6 +284,16 @@ export function planTopk(logits: unknown, options: unknown): TopkPlan {
   const { T, E } = tokensAndExperts("logits", logits);
   const K = topkIn(o.topk, E);
   const score = scoreFunction(o.scoreFunction);
+  const saveOption = (o as { saveForBackward?: unknown }).saveForBackward;
+  const save = saveOption === undefined ? true : saveOption;
+  if (typeof save !== "boolean") {
+    throw new TypeError(`saveForBackward must be a boolean, got ${describe(save)}`);
+  }
+  if (!save && o.intermediateOut !== undefined) {
+    throw new TypeError(
+      `intermediateOut needs saveForBackward (the intermediate is what a backward uses), got intermediateOut with saveForBackward: false`,
+    );
+  }
 
   const pre = o.usePreSoftmax ?? false;
   if (typeof pre !== "boolean") throw new TypeError(`usePreSoftmax must be a boolean, got ${describe(pre)}`);
@@ -421,6 +433,7 @@ export function planTopk(logits: unknown, options: unknown): TopkPlan {
     intermediateOut,
     routingMapOut,
     radixThreshold: radixThreshold(o.radixTopkThreshold),
+    save,
   };
 }
 

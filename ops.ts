@@ -12,6 +12,8 @@ import type {
   FloatTensor,
   SavedState,
   Tensor,
+  TopkInferenceOptions,
+  TopkInferenceResult,
   TopkOptions,
   TopkResult,
 } from "./_types.ts";
@@ -31,7 +33,8 @@ function router(): Promise<Router> {
  *
  * @param logits `[..., E]` float32, float16 or bfloat16
  * @param options topk, scoreFunction and the optional settings of {@linkcode TopkOptions}
- * @returns probs `[..., E]` (logits dtype), `routingMap` or `indices`, intermediate, saved state
+ * @returns probs `[..., E]` (logits dtype), `routingMap` or `indices`, intermediate, saved state; with
+ *   `saveForBackward: false` ({@linkcode TopkInferenceOptions}), probs and the routing output alone
  * @throws {TypeError|RangeError} for invalid arguments, before any work
  *
  * @example DeepSeek-style routing: sigmoid, bias, two groups, dense int32 indices
@@ -48,9 +51,35 @@ function router(): Promise<Router> {
  * assert.deepStrictEqual([...out.indices!.data], [4, 6]); // group 1 wins: 3 + 1 > 2 + 0.5
  * assert.ok(Math.abs(out.probs.data[4]! + out.probs.data[6]! - 2.5) < 1e-5);
  * ```
+ *
+ * @example Routing alone, as at inference: nothing is kept for a backward
+ * ```ts
+ * import { fusedTopkWithScoreFunction } from "./mod.ts";
+ * import assert from "node:assert";
+ *
+ * const logits = { data: new Float32Array([0.5, -1, 2, 0.1]), shape: [1, 4], dtype: "float32" as const };
+ * const out = await fusedTopkWithScoreFunction(logits, {
+ *   topk: 2, scoreFunction: "sigmoid", indexDtype: "int32", saveForBackward: false,
+ * });
+ * assert.deepStrictEqual([...out.indices!.data], [2, 0]);
+ * assert.ok(!("saved" in out) && !("intermediate" in out));
+ * ```
  */
-export async function fusedTopkWithScoreFunction(logits: FloatTensor, options: TopkOptions): Promise<TopkResult> {
-  return (await router()).fusedTopkWithScoreFunction(logits, options);
+export function fusedTopkWithScoreFunction(logits: FloatTensor, options: TopkOptions): Promise<TopkResult>;
+/**
+ * Top-k router forward, routing alone (`saveForBackward: false`): probs and
+ * the routing output, bit for bit those of the saving forward above, and no
+ * intermediate or saved state.
+ */
+export function fusedTopkWithScoreFunction(
+  logits: FloatTensor,
+  options: TopkInferenceOptions,
+): Promise<TopkInferenceResult>;
+export async function fusedTopkWithScoreFunction(
+  logits: FloatTensor,
+  options: TopkOptions | TopkInferenceOptions,
+): Promise<TopkResult | TopkInferenceResult> {
+  return (await router()).fusedTopkWithScoreFunction(logits, options as TopkOptions);
 }
 
 /**

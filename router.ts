@@ -18,6 +18,8 @@ import type {
   GpuAuxScoresResult,
   GpuSavedState,
   GpuTensor,
+  GpuTopkInferenceOptions,
+  GpuTopkInferenceResult,
   GpuTopkOptions,
   GpuTopkResult,
   IndexArray,
@@ -25,6 +27,8 @@ import type {
   SavedState,
   Tensor,
   TokensPerExpertDType,
+  TopkInferenceOptions,
+  TopkInferenceResult,
   TopkOptions,
   TopkResult,
 } from "./_types.ts";
@@ -91,6 +95,8 @@ export interface Router {
    * live; null when the router has none.
    */
   readonly device: GPUDevice | null;
+  /** See {@linkcode fusedTopkWithScoreFunction}; `saveForBackward: false`: routing alone (no saved state). */
+  fusedTopkWithScoreFunction(logits: FloatTensor, options: TopkInferenceOptions): Promise<TopkInferenceResult>;
   /** See {@linkcode fusedTopkWithScoreFunction}. */
   fusedTopkWithScoreFunction(logits: FloatTensor, options: TopkOptions): Promise<TopkResult>;
   /** See {@linkcode fusedTopkWithScoreFunctionBackward}. */
@@ -176,6 +182,11 @@ export interface Router {
  * ```
  */
 export interface GpuResidentOps {
+  /** Top-k forward on GPU-resident logits, routing alone (`saveForBackward: false`: no intermediate, no saved state). */
+  fusedTopkWithScoreFunction(
+    logits: GpuTensor<FloatDType>,
+    options: GpuTopkInferenceOptions,
+  ): Promise<GpuTopkInferenceResult>;
   /** Top-k forward on GPU-resident logits (and optionally a GPU-resident expertBias). */
   fusedTopkWithScoreFunction(logits: GpuTensor<FloatDType>, options: GpuTopkOptions): Promise<GpuTopkResult>;
   /** Top-k backward with GPU-resident gradProbs: gradLogits is a new GpuTensor. */
@@ -336,25 +347,35 @@ class BoundRouter implements Router, GpuResidentOps {
     this.#big = null;
   }
 
+  fusedTopkWithScoreFunction(logits: FloatTensor, options: TopkInferenceOptions): Promise<TopkInferenceResult>;
   fusedTopkWithScoreFunction(logits: FloatTensor, options: TopkOptions): Promise<TopkResult>;
+  fusedTopkWithScoreFunction(
+    logits: GpuTensor<FloatDType>,
+    options: GpuTopkInferenceOptions,
+  ): Promise<GpuTopkInferenceResult>;
   fusedTopkWithScoreFunction(logits: GpuTensor<FloatDType>, options: GpuTopkOptions): Promise<GpuTopkResult>;
   fusedTopkWithScoreFunction(
     logits: FloatTensor | GpuTensor<FloatDType>,
-    options: TopkOptions | GpuTopkOptions,
-  ): Promise<TopkResult | GpuTopkResult> {
+    options: TopkOptions | TopkInferenceOptions | GpuTopkOptions | GpuTopkInferenceOptions,
+  ): Promise<TopkResult | TopkInferenceResult | GpuTopkResult | GpuTopkInferenceResult> {
     return isGpuTensor(logits) ? this.#topkGpu(logits, options) : this.#topkHost(logits, options as TopkOptions);
   }
 
-  async #topkGpu(logits: GpuTensor<FloatDType>, options: GpuTopkOptions): Promise<GpuTopkResult> {
+  async #topkGpu(
+    logits: GpuTensor<FloatDType>,
+    options: GpuTopkOptions | GpuTopkInferenceOptions,
+  ): Promise<GpuTopkResult | GpuTopkInferenceResult> {
     const plan = planTopk(logits, options);
     const b = this.#gpu("logits");
     const out = await b.topkForwardGpu(plan, logits);
     const lead = plan.shape.slice(0, -1);
-    const result: GpuTopkResult = {
+    const result: GpuTopkInferenceResult & Partial<GpuTopkResult> = {
       probs: { buffer: out.probs, shape: [...plan.shape], dtype: plan.dtype },
-      intermediate: { buffer: out.intermediate, shape: [...plan.shape], dtype: "float32" },
-      saved: new Saved<TopkPlan>(b.name, "topk", plan, out.payload, true) as GpuSavedState,
     };
+    if (plan.save) {
+      result.intermediate = { buffer: out.intermediate as GPUBuffer, shape: [...plan.shape], dtype: "float32" };
+      result.saved = new Saved<TopkPlan>(b.name, "topk", plan, out.payload, true) as GpuSavedState;
+    }
     if (plan.route === "bytemap" || plan.route === "bitmap_u8") {
       const last = plan.route === "bytemap" ? plan.E : Math.ceil(plan.E / 8);
       result.routingMap = { buffer: out.route, shape: [...lead, last], dtype: "uint8" };
@@ -364,7 +385,10 @@ class BoundRouter implements Router, GpuResidentOps {
     return result;
   }
 
-  async #topkHost(logits: FloatTensor, options: TopkOptions): Promise<TopkResult> {
+  async #topkHost(
+    logits: FloatTensor,
+    options: TopkOptions | TopkInferenceOptions,
+  ): Promise<TopkResult | TopkInferenceResult> {
     const plan = planTopk(logits, options);
     const b = plan.biasGpu !== null ? this.#gpu("expertBias") : this.#use(plan.T * plan.E);
     const out = await b.topkForward(plan, logits);
@@ -374,12 +398,14 @@ class BoundRouter implements Router, GpuResidentOps {
       ? into<Uint8Array | IndexArray>(plan.indicesOut ?? plan.routingMapOut, out.route)
       : out.route;
     const lead = plan.shape.slice(0, -1);
-    const saved = new Saved<TopkPlan>(b.name, "topk", plan, out.payload, false, recycler(b));
-    const result: TopkResult = {
+    const result: TopkInferenceResult & Partial<TopkResult> = {
       probs: { data: probs, shape: [...plan.shape], dtype: plan.dtype },
-      intermediate: hostIntermediate(saved, plan.intermediateOut, out.intermediate, plan.shape),
-      saved,
     };
+    if (plan.save) {
+      const saved = new Saved<TopkPlan>(b.name, "topk", plan, out.payload, false, recycler(b));
+      result.intermediate = hostIntermediate(saved, plan.intermediateOut, out.intermediate!, plan.shape);
+      result.saved = saved;
+    }
     if (plan.route === "bytemap" || plan.route === "bitmap_u8") {
       const last = plan.route === "bytemap" ? plan.E : Math.ceil(plan.E / 8);
       result.routingMap = { data: route as Uint8Array, shape: [...lead, last], dtype: "uint8" };

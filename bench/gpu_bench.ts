@@ -114,7 +114,7 @@ for (const c of CASES.filter((c) => only === undefined || only.includes(c.name))
     const gout = await backend.topkBackwardGpu(plan, out.payload, gg);
     bwdRep.push((await backend.lastGpuTimeNs())! / REPEAT);
     out.probs.destroy();
-    out.intermediate.destroy();
+    out.intermediate?.destroy();
     out.route.destroy();
     gout.destroy();
   }
@@ -125,7 +125,7 @@ for (const c of CASES.filter((c) => only === undefined || only.includes(c.name))
     const out = await general.topkForwardGpu(plan, xg);
     genRep.push((await general.lastGpuTimeNs())! / REPEAT);
     out.probs.destroy();
-    out.intermediate.destroy();
+    out.intermediate?.destroy();
     out.route.destroy();
   }
   general.setRepeat(1);
@@ -153,7 +153,7 @@ for (const c of CASES.filter((c) => only === undefined || only.includes(c.name))
     }
     for (const o of outs) {
       o.probs.destroy();
-      o.intermediate.destroy();
+      o.intermediate?.destroy();
       o.route.destroy();
     }
     for (const g of grads) g.destroy();

@@ -83,9 +83,10 @@ export interface WebGpuBackendOptions {
 /** Outputs of a GPU-resident top-k forward. */
 export interface GpuTopkForwardOut {
   probs: GPUBuffer;
-  intermediate: GPUBuffer;
+  /** null (with the payload) where the plan saves nothing. */
+  intermediate: GPUBuffer | null;
   route: GPUBuffer;
-  payload: GpuPayload;
+  payload: GpuPayload | null;
 }
 
 /** Outputs of a GPU-resident aux-scores forward. */
@@ -690,7 +691,8 @@ export class WebGpuBackend implements Backend {
     const rB = routeRowBytes(route, E, K);
     const routeElems = route === "bytemap" || route === "bitmap_u8" ? rB : K;
     const probs = newFloat(dtype, T * E);
-    const intermediate = new Float32Array(T * E);
+    // routing alone (plan.save false): the kernels still write an intermediate, which is not read back
+    const intermediate = plan.save ? new Float32Array(T * E) : null;
     const routeOut: Uint8Array | IndexArray = plan.indicesOut ?? newRoute(route, T * routeElems);
     this.#forwardKey(plan, "topk"); // plan errors before any GPU work
     const perRound = this.#rowsPerRound(T, [2 * E * inB, 2 * E * inB, 8 * E, 2 * rB], "fusedTopkWithScoreFunction");
@@ -708,19 +710,20 @@ export class WebGpuBackend implements Backend {
         route: routeBuf,
         bias,
       });
-      const [p, i, r] = await this.#submit(dispatches, [
+      const [p, r, i] = await this.#submit(dispatches, [
         { buffer: probsBuf, bytes: n * E * inB },
-        { buffer: interBuf, bytes: n * E * 4 },
         { buffer: routeBuf, bytes: n * rB },
+        ...(intermediate ? [{ buffer: interBuf, bytes: n * E * 4 }] : []),
       ]);
       bytesOf(probs).set(p!, r0 * E * inB);
-      bytesOf(intermediate).set(i!, r0 * E * 4);
       bytesOf(routeOut).set(r!, r0 * rB);
+      if (intermediate) bytesOf(intermediate).set(i!, r0 * E * 4);
       this.#pool.release(logitsBuf, probsBuf, interBuf, routeBuf);
     }
     if (bias?.pooled) this.#pool.release(bias.buffer);
     // the saved state keeps its own copies: callers may edit or reuse every array they get
     // (the intermediate: the caller's copy, made now for intermediateOut, else on first read)
+    if (intermediate === null) return { probs, intermediate: null, route: routeOut, payload: null };
     const lazy = plan.intermediateOut === null;
     const payload: HostPayload = { intermediate, route: routeOut.slice() };
     return { probs, intermediate: lazy ? copier(intermediate) : intermediate, route: routeOut, payload };
@@ -737,9 +740,12 @@ export class WebGpuBackend implements Backend {
     this.#forwardKey(plan, "topk");
     this.#checkBufferSize(T * E * 4, "fusedTopkWithScoreFunction intermediate");
     const probs = this.#output(align4(T * E * inB), "probs");
-    const intermediate = this.#output(T * E * 4, "intermediate");
+    // routing alone (plan.save false): the kernels' intermediate goes to a pooled buffer, given back after
+    const intermediate = plan.save
+      ? this.#output(T * E * 4, "intermediate")
+      : this.#pool.acquire(T * E * 4, USAGE.output, "intermediate");
     const routeBuf = this.#output(align4(T * rB), "route");
-    await this.#filling([probs, intermediate, routeBuf], async () => {
+    await this.#filling(plan.save ? [probs, intermediate, routeBuf] : [probs, routeBuf], async () => {
       const bias = this.#bias(plan);
       try {
         await this.#submit(
@@ -754,8 +760,10 @@ export class WebGpuBackend implements Backend {
         );
       } finally {
         if (bias?.pooled) this.#pool.release(bias.buffer);
+        if (!plan.save) this.#pool.release(intermediate);
       }
     });
+    if (!plan.save) return { probs, intermediate: null, route: routeBuf, payload: null };
     return { probs, intermediate, route: routeBuf, payload: { gpu: true, intermediate, route: routeBuf } };
   }
 

@@ -133,6 +133,7 @@ export function assertBitIdentical(
 }
 
 /** A backend's intermediate as an array: backends may hand it over as a reader of the saved state's copy. */
-export function intermediateOf(x: Float32Array | (() => Float32Array)): Float32Array {
+export function intermediateOf(x: Float32Array | (() => Float32Array) | null): Float32Array {
+  if (x === null) throw new Error("the forward kept no intermediate (saveForBackward: false)");
   return typeof x === "function" ? x() : x;
 }

@@ -661,12 +661,14 @@ export class WasmBackend implements Backend {
     // (kept anyway) give back on demand; and sigmoid's and sqrtsoftplus's, which a copy of the logits, made
     // while they are copied in, gives back on demand (cheaper than copying the kernel's out, and the sigmoid
     // selection keyed by the logits computes only the chosen experts' sigmoid)
+    // (routing alone, plan.save false: no intermediate at all, nor anything else the state keeps)
+    const save = plan.save;
     const own = plan.intermediateOut === null;
-    const post = own && plan.score === "softmax" && !plan.pre;
-    const fromLogits = own && plan.score !== "softmax" && !dense;
+    const post = save && own && plan.score === "softmax" && !plan.pre;
+    const fromLogits = save && own && plan.score !== "softmax" && !dense;
     // the kernel's intermediate rows, per thread (row vectors spill past the row end); none where the host
-    // makes the intermediate itself and the kernel keeps each token's row in its scratch
-    const hostInter = fromLogits || post;
+    // makes the intermediate itself, or none is wanted, and the kernel keeps each token's row in its scratch
+    const hostInter = fromLogits || post || !save;
     const interP = this.#scratch(L, hostInter && !dense ? 0 : n * E * 4);
     const valsP = L.take(n * K * inB);
     const listP = L.take(n * K * 4);
@@ -675,7 +677,7 @@ export class WasmBackend implements Backend {
     const routeP = route === "int32" ? listP : L.take(n * rB);
     const probsP = dense ? L.take(n * E * inB) : 0;
     // the chosen experts in ascending order, for the sparse backward (see topkBackward)
-    const sparseBackward = !(plan.score === "softmax" && plan.pre) && !dense;
+    const sparseBackward = save && !(plan.score === "softmax" && plan.pre) && !dense;
     const ascP = sparseBackward ? L.take(n * K * 4) : 0;
     // the control words of a threaded chunk's pieces (the last chunk may be smaller, and be cut differently)
     const last = T - (Math.ceil(T / n) - 1) * n;
@@ -686,7 +688,7 @@ export class WasmBackend implements Backend {
       this.#bytes().fill(0, bias, bias + 4 * align16(E));
       this.#put(bias, plan.bias, 0, E);
     }
-    const byLogits = fromLogits && plan.score === "sigmoid" &&
+    const byLogits = hostInter && !dense && plan.score === "sigmoid" &&
       k.forwardByLogits(E, K, plan.groupTopk, SCORE.sigmoid, bias) !== 0;
     if (byLogits) this.#logitsKeyed++;
     if (fromLogits) this.#reader ??= await instantiateKernels();
@@ -704,10 +706,10 @@ export class WasmBackend implements Backend {
       outs ??= allocate();
     };
     // the saved state
-    const ours = own && !post && !fromLogits;
+    const ours = save && own && !post && !fromLogits;
     const intermediate = plan.intermediateOut ??
       (ours ? new Float32Array(this.#saved.take(T * E * 4)) : new Float32Array(0));
-    const yasc = new Float32Array(this.#saved.take(T * K * 4));
+    const yasc = save ? new Float32Array(this.#saved.take(T * K * 4)) : null;
     const ids = sparseBackward ? new Int32Array(this.#saved.take(T * K * 4)) : null;
     const savedLogits = fromLogits ? new Uint8Array(this.#saved.take(T * E * inB)) : null;
     const routeElems = isMap(route) ? rB : K;
@@ -715,7 +717,9 @@ export class WasmBackend implements Backend {
     const RouteArray = (isMap(route) ? Uint8Array : ARRAY_OF[route]) as unknown as new (
       b: ArrayBuffer,
     ) => Uint8Array | IndexArray;
-    const savedRoute = new RouteArray(this.#saved.take(T * routeElems * (isMap(route) ? 1 : BYTES_OF[route])));
+    const savedRoute = save
+      ? new RouteArray(this.#saved.take(T * routeElems * (isMap(route) ? 1 : BYTES_OF[route])))
+      : null;
     const list = new Int32Array(k.memory.buffer, listP, n * K);
     const vals = this.#bits(dtype, valsP, n * K);
     for (let t0 = 0; t0 < T; t0 += n) {
@@ -763,10 +767,10 @@ export class WasmBackend implements Backend {
       ];
       const copyOut = (a: number, rows: number, j: number) => {
         const { routeOut, probs, probsBits } = outs as NonNullable<typeof outs>;
-        if (!post && !fromLogits) this.#get((interP[j] as number) + a * E * 4, intermediate, (t0 + a) * E, rows * E);
+        if (intermediate.length) this.#get((interP[j] as number) + a * E * 4, intermediate, (t0 + a) * E, rows * E);
         this.#get(routeP + a * rB, routeOut, (t0 + a) * routeElems, rows * routeElems);
-        this.#get(routeP + a * rB, savedRoute, (t0 + a) * routeElems, rows * routeElems);
-        this.#get(yascP + a * K * 4, yasc, (t0 + a) * K, rows * K);
+        if (savedRoute) this.#get(routeP + a * rB, savedRoute, (t0 + a) * routeElems, rows * routeElems);
+        if (yasc) this.#get(yascP + a * K * 4, yasc, (t0 + a) * K, rows * K);
         if (ids) this.#get(ascP + a * K * 4, ids, (t0 + a) * K, rows * K);
         if (dense) {
           this.#get(probsP + a * E * inB, probs, (t0 + a) * E, rows * E);
@@ -798,6 +802,7 @@ export class WasmBackend implements Backend {
     }
     start(); // T = 0: no chunk
     const { routeOut, probs } = outs as unknown as NonNullable<typeof outs>;
+    if (savedRoute === null || yasc === null) return { probs, intermediate: null, route: routeOut, payload: null };
     const payload: TopkPayload = {
       route: savedRoute,
       yasc,

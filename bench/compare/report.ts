@@ -9,7 +9,17 @@ import type { Timing } from "./timing.ts";
 import type { Check } from "./validate.ts";
 
 /** The implementations compared, in table order. */
-export const IMPLS = ["moe-1", "moe-all", "plain", "tfjs-wasm", "tfjs-cpu", "ort-1", "ort-all"] as const;
+export const IMPLS = [
+  "moe-1",
+  "moe-all",
+  "moe-1-save",
+  "moe-all-save",
+  "plain",
+  "tfjs-wasm",
+  "tfjs-cpu",
+  "ort-1",
+  "ort-all",
+] as const;
 /** One implementation. */
 export type Impl = typeof IMPLS[number];
 /** What was timed: the forward, forward then backward, or (moe-router) the backward alone. */
@@ -45,6 +55,10 @@ export function implLabel(impl: Impl, threads: number): string {
       return "moe-router (WebAssembly SIMD), 1 thread";
     case "moe-all":
       return `moe-router (WebAssembly SIMD), ${threads} threads`;
+    case "moe-1-save":
+      return "moe-router, 1 thread, saving for backward";
+    case "moe-all-save":
+      return `moe-router, ${threads} threads, saving for backward`;
     case "plain":
       return "plain TypeScript loop";
     case "tfjs-wasm":
@@ -58,7 +72,7 @@ export function implLabel(impl: Impl, threads: number): string {
   }
 }
 
-const isMoe = (impl: Impl) => impl === "moe-1" || impl === "moe-all";
+const isMoe = (impl: Impl) => impl.startsWith("moe-");
 
 /** Milliseconds per call of `impl`, or undefined when it was not timed. */
 export function msOf(r: CaseResult, mode: Mode, impl: Impl): number | undefined {
@@ -173,7 +187,8 @@ function backwardRows(results: readonly CaseResult[]): string[][] {
   const rows: string[][] = [];
   for (const r of results) {
     for (const impl of ["moe-1", "moe-all"] as const) {
-      const f = msOf(r, "forward", impl);
+      // the forward a backward follows: the one that saves its state
+      const f = msOf(r, "forward", `${impl}-save`);
       const b = msOf(r, "backward", impl);
       if (f === undefined || b === undefined) continue;
       rows.push([r.c.id, impl === "moe-1" ? "1" : "all", fmtMs(f), fmtMs(b), fmtX(f / b)]);
@@ -221,7 +236,7 @@ export function markdownReport(
     "## Forward",
     "",
     "Median milliseconds per call (and the fastest call). The speed-up columns are the peer's median time divided " +
-    "by moe-router's.",
+    "by moe-router's, routing alone (`saveForBackward: false`: the peers' outputs).",
     "",
     markdownTable(tableHeader(threads), tableRows(results, "forward", threads)),
     "",
@@ -232,6 +247,8 @@ export function markdownReport(
     markdownTable(tableHeader(threads), tableRows(results, "forward+backward", threads)),
     "",
     "## moe-router backward alone",
+    "",
+    "Against the forward that a backward follows (the one that saves its state).",
     "",
     markdownTable(["case", "threads", "forward ms", "backward ms", "forward / backward"], backwardRows(results)),
     "",

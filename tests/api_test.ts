@@ -954,6 +954,41 @@ Deno.test("routers are independent, dispose() ends one, and the module-level fun
   });
 });
 
+Deno.test("an expertBias edited in place between calls, or while a call waits its turn, routes by its values at the call", async () => {
+  // plans share one copy of a bias whose bits did not change (see _validate.ts): an edit must give a new one
+  const E = 16, T = 4;
+  const x = f32(normals(mulberry32(25), T * E), [T, E]);
+  const data = new Float32Array(E);
+  const options: TopkOptions = {
+    topk: 2,
+    scoreFunction: "sigmoid",
+    indexDtype: "int32",
+    expertBias: { data, shape: [E], dtype: "float32" },
+  };
+  const fresh = (values: Float32Array) => ({
+    ...options,
+    expertBias: { data: values.slice(), shape: [E], dtype: "float32" as const },
+  });
+  const chosen = async (o: TopkOptions) => [...(await router.fusedTopkWithScoreFunction(x, o)).indices!.data];
+  for (const e of [3, 11, 3, 0]) {
+    data.fill(0);
+    data[e] = 5; // expert e wins every token
+    const got = await chosen(options);
+    assert.deepStrictEqual(got, await chosen(fresh(data)), `bias on expert ${e}`);
+    for (let t = 0; t < T; t++) assert.strictEqual(got[2 * t], e, `token ${t} takes expert ${e}`);
+  }
+  // calls queued on the router read the bias as it was when each was made
+  data.fill(0);
+  data[7] = 5;
+  const first = router.fusedTopkWithScoreFunction(x, options);
+  data[7] = 0;
+  data[9] = 5;
+  const second = router.fusedTopkWithScoreFunction(x, options);
+  data.fill(0);
+  assert.strictEqual((await first).indices!.data[0], 7);
+  assert.strictEqual((await second).indices!.data[0], 9);
+});
+
 Deno.test("concurrent calls on one router give the results of the same calls made one after another", async (t) => {
   const rng = mulberry32(24);
   const { lib } = optionsOf({ E: 256, K: 8, score: "sigmoid", bias: true, groups: [8, 4] }, rng);

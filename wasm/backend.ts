@@ -113,6 +113,9 @@ export function pieceRanges(m: number, E: number, W: number): Array<[number, num
   return out;
 }
 
+// An intermediate the call does not keep (a new empty array costs a small call about a microsecond)
+const NO_FLOATS = new Float32Array(0);
+
 // wasm32 addresses: the module can never hold more than this
 const MAX_MEMORY = 4 * 1024 * 1024 * 1024 - 65536;
 const PAGE = 65536;
@@ -708,7 +711,7 @@ export class WasmBackend implements Backend {
     // the saved state
     const ours = save && own && !post && !fromLogits;
     const intermediate = plan.intermediateOut ??
-      (ours ? new Float32Array(this.#saved.take(T * E * 4)) : new Float32Array(0));
+      (ours ? new Float32Array(this.#saved.take(T * E * 4)) : NO_FLOATS);
     const yasc = save ? new Float32Array(this.#saved.take(T * K * 4)) : null;
     const ids = sparseBackward ? new Int32Array(this.#saved.take(T * K * 4)) : null;
     const savedLogits = fromLogits ? new Uint8Array(this.#saved.take(T * E * inB)) : null;

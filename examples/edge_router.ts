@@ -9,7 +9,7 @@
  * `POST` (any path) with the options in the query string:
  * `topk` (required), `scoreFunction` (required: softmax | sigmoid |
  * sqrtsoftplus), `usePreSoftmax`, `numGroups`, `groupTopk`, `scalingFactor`
- * (the names of {@linkcode TopkOptions}; booleans are `true` / `false`).
+ * (the names of {@linkcode TopkInferenceOptions}; booleans are `true` / `false`).
  *
  * The body is one of:
  * - `application/json`: `{ "logits": [[...E numbers], ...T rows],
@@ -28,7 +28,7 @@
  *
  * @module
  */
-import { createRouter, type FloatTensor, type TopkOptions } from "../mod.ts";
+import { createRouter, type FloatTensor, type TopkInferenceOptions } from "../mod.ts";
 
 /** Largest body accepted, in bytes. */
 const MAX_BODY_BYTES = 16 << 20;
@@ -55,7 +55,7 @@ class BadRequest extends Error {
 const PARAMS = ["topk", "scoreFunction", "usePreSoftmax", "numGroups", "groupTopk", "scalingFactor"];
 
 /** The router options in the query string; the library checks their values. */
-function optionsOf(query: URLSearchParams): TopkOptions {
+function optionsOf(query: URLSearchParams): TopkInferenceOptions {
   for (const key of query.keys()) {
     if (!PARAMS.includes(key)) throw new BadRequest(`unknown query parameter "${key}"; known: ${PARAMS.join(", ")}`);
   }
@@ -71,10 +71,12 @@ function optionsOf(query: URLSearchParams): TopkOptions {
   const scoreFunction = query.get("scoreFunction");
   if (scoreFunction === null) throw new BadRequest("query parameter scoreFunction is required");
   // the score function's name is checked by the library, with the other values
-  const options: TopkOptions = {
+  // routing alone: a server never runs the backward, so nothing is kept for it
+  const options: TopkInferenceOptions = {
     topk,
-    scoreFunction: scoreFunction as TopkOptions["scoreFunction"],
+    scoreFunction: scoreFunction as TopkInferenceOptions["scoreFunction"],
     indexDtype: "int32",
+    saveForBackward: false,
   };
   for (const key of ["numGroups", "groupTopk", "scalingFactor"] as const) {
     const v = number(key);
@@ -172,7 +174,6 @@ async function route(request: Request): Promise<Response> {
   if (batch.expertBias !== undefined) options.expertBias = batch.expertBias;
 
   const out = await router.fusedTopkWithScoreFunction(batch.logits, options);
-  out.saved.release();
   const [T, E] = batch.logits.shape as [number, number];
   const K = options.topk;
   const probs = out.probs.data as Float32Array;

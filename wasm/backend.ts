@@ -675,7 +675,9 @@ export class WasmBackend implements Backend {
     const interP = this.#scratch(L, hostInter && !dense ? 0 : n * E * 4);
     const valsP = L.take(n * K * inB);
     const listP = L.take(n * K * 4);
-    const yascP = L.take(n * K * 4);
+    // the chosen experts' intermediate for the sparse backward: none without a backward to come (the
+    // four-token kernel of dense rows writes it anyway)
+    const yascP = save || dense ? L.take(n * K * 4) : 0;
     // int32 indices are the list itself: the kernel writes them over it (same values), no second region to fill
     const routeP = route === "int32" ? listP : L.take(n * rB);
     const probsP = dense ? L.take(n * E * inB) : 0;
@@ -759,7 +761,7 @@ export class WasmBackend implements Backend {
         plan.radixThreshold,
         valsP + a * K * inB,
         listP + a * K * 4,
-        yascP + a * K * 4,
+        yascP ? yascP + a * K * 4 : 0,
         (interP[j] as number) + a * E * 4,
         routeP + a * rB,
         scratch[j] as number,

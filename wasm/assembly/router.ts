@@ -1881,7 +1881,8 @@ function readRoute(fmt: i32, E: i32, K: i32, route: usize, M: usize): void {
  * rows there itself (see scatterRows; vals are then not always written); the
  * intermediate row (f32); the routing output; and the intermediate at the
  * chosen experts in ascending expert order (yasc, f32), all that the sparse
- * backward needs. bias = 0: none. For int32 indices, route may be list
+ * backward needs (yasc = 0: not written, no backward to come; calls the
+ * four-token kernel may take need it). bias = 0: none. For int32 indices, route may be list
  * itself (the same values). lanes: small rows may take the four-token
  * kernel (see forwardLanes; same bits); false keeps every token on the row
  * kernel (a test hook). hostInter: the host makes the intermediate itself
@@ -2176,6 +2177,7 @@ function forwardRows(
     // order: placed by counted ranks up to 16 chosen, else through a bit set
     // of the chosen over E (in a local up to 64 experts, else in KEY, free
     // now), read out word by word
+    if (!yasc) continue; // no backward to come (routing alone)
     const yrow = yasc + (tk << 2);
     const arow = asc ? asc + (tk << 2) : 0;
     if (K <= 16) {

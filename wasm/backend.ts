@@ -340,6 +340,8 @@ export class WasmBackend implements Backend {
   #pool: ThreadPool | null;
   #maxBytes: number;
   #queue: Promise<unknown> = Promise.resolve();
+  /** Calls queued or running (see #serial). */
+  #pending = 0;
   #lanes: boolean;
   #laneTokens = 0;
   /** The instance that computes sigmoid intermediates on demand (sigmoidReader), made on first need. */
@@ -446,9 +448,24 @@ export class WasmBackend implements Backend {
 
   // Runs calls one at a time: they share the memory layout, and a threaded
   // call awaits its workers between the kernel and the copy out.
+  // An idle backend starts the call at once: a hop through the queue cost a
+  // 16-token call a microtask or two.
   #serial<R>(work: () => R | Promise<R>): Promise<R> {
-    const run = this.#queue.then(work, work);
-    this.#queue = run.then(() => undefined, () => undefined);
+    let run: Promise<R>;
+    if (this.#pending === 0) {
+      try {
+        run = Promise.resolve(work());
+      } catch (e) {
+        run = Promise.reject(e);
+      }
+    } else {
+      run = this.#queue.then(work, work);
+    }
+    this.#pending++;
+    const done = () => {
+      this.#pending--;
+    };
+    this.#queue = run.then(done, done);
     return run;
   }
 
@@ -618,7 +635,9 @@ export class WasmBackend implements Backend {
 
   // Regions of `bytes`, one per thread that may run a chunk.
   #scratch(L: Layout, bytes: number): number[] {
-    return Array.from({ length: this.threads }, () => L.take(bytes));
+    const out: number[] = [];
+    for (let j = 0; j < this.threads; j++) out.push(L.take(bytes));
+    return out;
   }
 
   #bytes(): Uint8Array {

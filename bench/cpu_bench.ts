@@ -88,6 +88,15 @@ for (const c of CASES) {
     },
   });
   Deno.bench({
+    name: "WebAssembly SIMD, routing alone (saveForBackward: false)",
+    group: `${c.name}: forward`,
+    n: 30,
+    warmup: 10,
+    fn: async () => {
+      await router.fusedTopkWithScoreFunction(logits, { ...c.options, saveForBackward: false });
+    },
+  });
+  Deno.bench({
     name: "plain TypeScript reference",
     group: `${c.name}: backward`,
     baseline: true,

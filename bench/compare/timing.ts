@@ -45,14 +45,18 @@ export interface TimingBudget {
   passes: number;
 }
 
-/** The default budget: about a second of calls per implementation, in 3 passes. */
+/**
+ * The default budget: about a second of calls per implementation, in 10 passes (blocks of up to 30 calls: on this
+ * VM one vCPU slows down for stretches of seconds to minutes, and with 3 passes one block caught in such a stretch
+ * moved a median by a third; each implementation's calls are now spread over the whole case).
+ */
 export const DEFAULT_BUDGET: TimingBudget = {
   budgetMs: 1000,
   minRuns: 9,
   maxRuns: 300,
   warmupRuns: 3,
   warmupMs: 400,
-  passes: 3,
+  passes: 10,
 };
 
 async function once(f: () => unknown): Promise<number> {
@@ -68,22 +72,35 @@ async function once(f: () => unknown): Promise<number> {
  * its `firstMs` says it was called already), then measures them in `passes`
  * passes.
  */
-export async function measure(items: readonly Timed[], budget: TimingBudget): Promise<Map<string, Timing>> {
+export async function measure(
+  items: readonly Timed[],
+  budget: TimingBudget,
+): Promise<Map<string, Timing>> {
   const perPass = new Map<string, number>();
+  const left = new Map<string, number>(); // calls still to measure: a slow one's few calls go to the first passes
   const slow = new Set<string>();
   for (const item of items) {
     await item.before?.();
     let spent = 0;
     let last = item.firstMs ?? Infinity;
-    const warm = item.firstMs !== undefined && item.firstMs > budget.budgetMs / 3; // slow, and called once already
-    for (let i = 0; !warm && i < 50 && (i < budget.warmupRuns || spent < budget.warmupMs); i++) {
+    const warm = item.firstMs !== undefined &&
+      item.firstMs > budget.budgetMs / 3; // slow, and called once already
+    for (
+      let i = 0;
+      !warm && i < 50 && (i < budget.warmupRuns || spent < budget.warmupMs);
+      i++
+    ) {
       last = await once(item.run);
       spent += last;
       if (last > budget.budgetMs / 3) break; // slow: one warm-up call is enough
     }
     const fit = Math.floor(budget.budgetMs / Math.max(last, 1e-3));
-    const runs = Math.min(budget.maxRuns, Math.max(fit, last > budget.budgetMs / 3 ? 3 : budget.minRuns));
+    const runs = Math.min(
+      budget.maxRuns,
+      Math.max(fit, last > budget.budgetMs / 3 ? 3 : budget.minRuns),
+    );
     perPass.set(item.key, Math.ceil(runs / budget.passes));
+    left.set(item.key, runs);
     if (last > budget.budgetMs / 10) slow.add(item.key);
   }
   const times = new Map<string, number[]>(items.map((i) => [i.key, []]));
@@ -91,10 +108,13 @@ export async function measure(items: readonly Timed[], budget: TimingBudget): Pr
     // each pass starts at a different item, so that none always runs first or always follows the same one
     const start = Math.floor(pass * items.length / budget.passes);
     for (const item of [...items.slice(start), ...items.slice(0, start)]) {
+      const count = Math.min(perPass.get(item.key)!, left.get(item.key)!);
+      if (count <= 0) continue;
+      left.set(item.key, left.get(item.key)! - count);
       await item.before?.();
       if (!slow.has(item.key)) await item.run(); // settles caches, and the threads of whatever ran before
       const t = times.get(item.key)!;
-      for (let i = 0; i < perPass.get(item.key)!; i++) {
+      for (let i = 0; i < count; i++) {
         t.push(await once(item.run));
       }
     }

@@ -167,3 +167,46 @@ export function gradTensor(c: CrossCase, seed: number): FloatTensor {
   const g = Float32Array.from({ length: c.T * c.E }, () => r() - 0.5);
   return { data: narrowTo(g, c.dtype), shape: [c.T, c.E], dtype: c.dtype } as FloatTensor;
 }
+
+/**
+ * Router configurations that between them take every path of the
+ * WebAssembly top-k forward (grouped sigmoid with bias, sigmoid keyed by the
+ * logits, post- and pre-softmax, wide top-32, sqrtsoftplus with groups,
+ * radix selection, the four-token lanes with dense rows, small rows with a
+ * bias), each with another input dtype and routing output. At `scale` 1
+ * every batch but the last (12 experts) is big enough for worker threads.
+ */
+export function forwardPaths(scale = 1): CrossCase[] {
+  const bias = (E: number, seed: number): FloatTensor => ({
+    data: normals(mulberry32(seed), E, 0.01),
+    shape: [E],
+    dtype: "float32",
+  });
+  const base: Array<[number, number, TopkOptions]> = [
+    [1100, 256, {
+      topk: 8,
+      scoreFunction: "sigmoid",
+      numGroups: 8,
+      groupTopk: 4,
+      expertBias: bias(256, 1),
+      scalingFactor: 2.5,
+    }],
+    [1100, 256, { topk: 8, scoreFunction: "sigmoid", expertBias: bias(256, 2) }], // keyed by the logits
+    [2113, 128, { topk: 8, scoreFunction: "softmax" }],
+    [2113, 128, { topk: 6, scoreFunction: "softmax", usePreSoftmax: true }],
+    [300, 1024, { topk: 32, scoreFunction: "sigmoid" }],
+    [1500, 200, { topk: 4, scoreFunction: "sqrtsoftplus", numGroups: 4, groupTopk: 2 }],
+    [700, 512, { topk: 20, scoreFunction: "softmax", radixTopkThreshold: 4 }], // radix selection
+    [33000, 8, { topk: 2, scoreFunction: "softmax" }], // four-token lanes, dense probs rows
+    [3000, 12, { topk: 3, scoreFunction: "sigmoid", expertBias: bias(12, 3) }],
+  ];
+  const outputs = ["bytemap", "bitmap_u8", "int16", "int32", "int64"] as const;
+  return base.map(([T, E, options], i) => {
+    const format = outputs[i % outputs.length]!;
+    const route = format === "bytemap" || format === "bitmap_u8"
+      ? { routingMapFormat: format }
+      : { indexDtype: format };
+    const dtype: FloatDType = (["float32", "float16", "bfloat16"] as const)[i % 3]!;
+    return { T: Math.ceil(T * scale), E, dtype, options: { ...options, ...route } };
+  });
+}

@@ -13,62 +13,17 @@
  */
 import assert from "node:assert";
 import { createRouter, readGpuTensor, toGpuTensor } from "../mod.ts";
-import type {
-  FloatDType,
-  FloatTensor,
-  IndexDType,
-  Router,
-  RoutingMapFormat,
-  TopkInferenceOptions,
-  TopkOptions,
-} from "../mod.ts";
+import type { FloatTensor, Router, TopkInferenceOptions, TopkOptions } from "../mod.ts";
 import { assertBitIdentical } from "./_assert.ts";
-import { mulberry32, normals, routableTensor } from "./_generators.ts";
+import { type CrossCase, forwardPaths, mulberry32, normals, routableTensor } from "./_generators.ts";
 import { narrowTo, refTopkForward, sortedRows, widen } from "./reference.ts";
 
 const hasGpu = (await navigator.gpu?.requestAdapter()) != null;
 
-interface Config {
-  T: number;
-  E: number;
-  dtype: FloatDType;
-  options: TopkOptions;
-}
+type Config = CrossCase;
 
-const OUTPUTS: Array<RoutingMapFormat | IndexDType> = ["bytemap", "bitmap_u8", "int16", "int32", "int64"];
-
-function bias(E: number, seed: number): FloatTensor {
-  return { data: normals(mulberry32(seed), E, 0.01), shape: [E], dtype: "float32" };
-}
-
-// token counts: scale 1 gives small batches (one thread), larger scales batches the workers take
-function configs(scale: number): Config[] {
-  const base: Array<[number, number, TopkOptions]> = [
-    [Math.ceil(1100 * scale), 256, {
-      topk: 8,
-      scoreFunction: "sigmoid",
-      numGroups: 8,
-      groupTopk: 4,
-      expertBias: bias(256, 1),
-      scalingFactor: 2.5,
-    }],
-    [Math.ceil(1100 * scale), 256, { topk: 8, scoreFunction: "sigmoid", expertBias: bias(256, 2) }], // by the logits
-    [Math.ceil(2113 * scale), 128, { topk: 8, scoreFunction: "softmax" }],
-    [Math.ceil(2113 * scale), 128, { topk: 6, scoreFunction: "softmax", usePreSoftmax: true }],
-    [Math.ceil(300 * scale), 1024, { topk: 32, scoreFunction: "sigmoid" }],
-    [Math.ceil(1500 * scale), 200, { topk: 4, scoreFunction: "sqrtsoftplus", numGroups: 4, groupTopk: 2 }],
-    [Math.ceil(700 * scale), 512, { topk: 20, scoreFunction: "softmax", radixTopkThreshold: 4 }], // radix
-    [Math.ceil(33000 * scale), 8, { topk: 2, scoreFunction: "softmax" }], // four-token lanes, dense rows
-    [Math.ceil(3000 * scale), 12, { topk: 3, scoreFunction: "sigmoid", expertBias: bias(12, 3) }],
-  ];
-  return base.map(([T, E, options], i) => {
-    const format = OUTPUTS[i % OUTPUTS.length]!;
-    const route = format === "int16" || format === "int32" || format === "int64"
-      ? { indexDtype: format }
-      : { routingMapFormat: format };
-    return { T, E, dtype: (["float32", "float16", "bfloat16"] as const)[i % 3]!, options: { ...options, ...route } };
-  });
-}
+// token counts: scale 1 gives batches the workers take, smaller ones stay on one thread
+const configs = forwardPaths;
 
 function logitsOf(c: Config): FloatTensor {
   const data = normals(mulberry32(c.T * 31 + c.E), c.T * c.E, 2);

@@ -11,10 +11,10 @@
  */
 import assert from "node:assert";
 import { createRouter } from "../mod.ts";
-import type { FloatDType, FloatTensor, IndexDType, Router, RoutingMapFormat, TopkOptions } from "../mod.ts";
+import type { FloatTensor, Router, TopkOptions } from "../mod.ts";
 import { MIN_PARALLEL_ELEMENTS, pieceRanges, WasmBackend } from "../wasm/backend.ts";
 import { assertBitIdentical, intermediateOf } from "./_assert.ts";
-import { mulberry32, normals } from "./_generators.ts";
+import { type CrossCase, forwardPaths, mulberry32, normals } from "./_generators.ts";
 import { narrowTo } from "./reference.ts";
 
 Deno.test("pieces of a threaded chunk cover it once, in order, smaller at the end", () => {
@@ -38,49 +38,15 @@ Deno.test("pieces of a threaded chunk cover it once, in order, smaller at the en
   }
 });
 
-interface Config {
-  T: number;
-  E: number;
-  dtype: FloatDType;
-  options: TopkOptions;
+interface Config extends CrossCase {
   callerBuffers: boolean;
 }
 
-const OUTPUTS: Array<RoutingMapFormat | IndexDType> = ["bytemap", "bitmap_u8", "int16", "int32", "int64"];
-
+// the forward's paths, on batches big enough for the workers
 function configs(): Config[] {
-  const bias = (E: number, seed: number): FloatTensor => ({
-    data: normals(mulberry32(seed), E, 0.01),
-    shape: [E],
-    dtype: "float32",
-  });
-  const out: Config[] = [];
-  const base: Array<[number, number, TopkOptions]> = [
-    [1100, 256, {
-      topk: 8,
-      scoreFunction: "sigmoid",
-      numGroups: 8,
-      groupTopk: 4,
-      expertBias: bias(256, 1),
-      scalingFactor: 2.5,
-    }],
-    [1100, 256, { topk: 8, scoreFunction: "sigmoid", expertBias: bias(256, 2) }], // keyed by the logits
-    [2113, 128, { topk: 8, scoreFunction: "softmax" }],
-    [2113, 128, { topk: 6, scoreFunction: "softmax", usePreSoftmax: true }],
-    [300, 1024, { topk: 32, scoreFunction: "sigmoid" }],
-    [1500, 200, { topk: 4, scoreFunction: "sqrtsoftplus", numGroups: 4, groupTopk: 2 }],
-    [700, 512, { topk: 20, scoreFunction: "softmax", radixTopkThreshold: 4 }], // radix selection
-    [33000, 8, { topk: 2, scoreFunction: "softmax" }], // four-token lanes, dense probs rows
-  ];
-  base.forEach(([T, E, options], i) => {
-    const dtype: FloatDType = (["float32", "float16", "bfloat16"] as const)[i % 3]!;
-    const format = OUTPUTS[i % OUTPUTS.length]!;
-    const route = format === "int16" || format === "int32" || format === "int64"
-      ? { indexDtype: format }
-      : { routingMapFormat: format };
-    out.push({ T, E, dtype, options: { ...options, ...route }, callerBuffers: i % 2 === 0 });
-  });
-  return out;
+  return forwardPaths(1)
+    .filter((c) => c.T * c.E >= MIN_PARALLEL_ELEMENTS)
+    .map((c, i) => ({ ...c, callerBuffers: i % 2 === 0 }));
 }
 
 async function outputs(router: Router, c: Config, logits: FloatTensor, grad: FloatTensor) {

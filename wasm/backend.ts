@@ -704,9 +704,11 @@ export class WasmBackend implements Backend {
     const sparseBackward = save && !(plan.score === "softmax" && plan.pre) && !dense;
     const ascP = sparseBackward ? L.take(n * K * 4) : 0;
     // the control words of a threaded chunk's pieces (the last chunk may be smaller, and be cut differently)
+    // (none where no chunk is big enough for the workers: small calls skip the bookkeeping)
     const last = T - (Math.ceil(T / n) - 1) * n;
-    const pieces = this.#pool ? Math.max(...[n, last].map((m) => pieceRanges(m, E, this.threads - 1).length)) : 0;
-    const ctlP = this.#pool === null ? 0 : L.take(4 * (CTL_WORDS + pieces));
+    const threaded = this.#pool !== null && n * E >= MIN_PARALLEL_ELEMENTS && n >= 2;
+    const pieces = threaded ? Math.max(...[n, last].map((m) => pieceRanges(m, E, this.threads - 1).length)) : 0;
+    const ctlP = threaded ? L.take(4 * (CTL_WORDS + pieces)) : 0;
     this.#ensure(L.end, "fusedTopkWithScoreFunction");
     if (plan.bias) {
       this.#bytes().fill(0, bias, bias + 4 * align16(E));

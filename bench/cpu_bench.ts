@@ -7,7 +7,7 @@
  *
  * @module
  */
-import { createRouter, type TopkOptions } from "../mod.ts";
+import { createRouter, type TopkInferenceOptions, type TopkOptions } from "../mod.ts";
 import { mulberry32, normals } from "../tests/_generators.ts";
 import { refTopkBackward, refTopkForward, type RefTopkOptions } from "../tests/reference.ts";
 
@@ -69,33 +69,22 @@ for (const c of CASES) {
       refTopkForward(logits.data, c.tokens, c.experts, ref);
     },
   });
-  Deno.bench({
-    name: "WebAssembly SIMD",
-    group: `${c.name}: forward`,
-    n: 30,
-    warmup: 10,
-    fn: async () => {
-      await router.fusedTopkWithScoreFunction(logits, c.options);
-    },
-  });
-  Deno.bench({
-    name: "WebAssembly SIMD, caller buffers",
-    group: `${c.name}: forward`,
-    n: 30,
-    warmup: 10,
-    fn: async () => {
-      await router.fusedTopkWithScoreFunction(logits, { ...c.options, ...outs });
-    },
-  });
-  Deno.bench({
-    name: "WebAssembly SIMD, routing alone (saveForBackward: false)",
-    group: `${c.name}: forward`,
-    n: 30,
-    warmup: 10,
-    fn: async () => {
-      await router.fusedTopkWithScoreFunction(logits, { ...c.options, saveForBackward: false });
-    },
-  });
+  const forwards: Array<[string, TopkOptions | TopkInferenceOptions]> = [
+    ["WebAssembly SIMD", c.options],
+    ["WebAssembly SIMD, caller buffers", { ...c.options, ...outs }],
+    ["WebAssembly SIMD, routing alone (saveForBackward: false)", { ...c.options, saveForBackward: false }],
+  ];
+  for (const [name, options] of forwards) {
+    Deno.bench({
+      name,
+      group: `${c.name}: forward`,
+      n: 30,
+      warmup: 10,
+      fn: async () => {
+        await router.fusedTopkWithScoreFunction(logits, options as TopkOptions);
+      },
+    });
+  }
   Deno.bench({
     name: "plain TypeScript reference",
     group: `${c.name}: backward`,

@@ -366,8 +366,20 @@ Deno.test("the small-row backward kernel gives the bits of the host's gather and
         if (out === "bytemap" || out === "bitmap_u8") return ids.slice(0, Math.floor(rng() * (K + 1)));
         return ids.map((e) => rng() < 0.3 ? pick(rng, [-1, -32768, E, E + 7, 1 << 20, ids[0]!]) : e);
       });
+      const route = routeOf(out, chosen, E, K);
+      if (odd && out === "bytemap") {
+        // any nonzero byte marks a chosen expert
+        const m = route as Uint8Array;
+        m.forEach((v, i) => v && (m[i] = pick(rng, [1, 2, 0x80, 0xff])));
+      }
+      if (odd && out === "bitmap_u8" && E % 8) {
+        // the padding bits past expert E - 1 are ignored
+        const m = route as Uint8Array;
+        const w = Math.ceil(E / 8);
+        for (let t = 0; t < T; t++) m[t * w + w - 1]! |= 0xff << (E % 8);
+      }
       const payload = {
-        route: routeOf(out, chosen, E, K),
+        route,
         yasc: new Float32Array(Uint32Array.from({ length: T * K }, () => floatBits(rng)).buffer),
         full: null,
       };

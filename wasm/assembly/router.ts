@@ -2953,6 +2953,7 @@ export function topkBackwardLanes(
   const c = f32x4.splat(scale);
   const zero = f32x4.splat(0);
   const quick = K <= 2 && (fmt == ROUTE_I16 || fmt == ROUTE_I32 || fmt == ROUTE_I64);
+  const map = fmt == ROUTE_BYTEMAP || fmt == ROUTE_BITMAP;
   for (let t = 0; t < T; t += 4) {
     const n = min(4, T - t);
     const g0 = grad + <usize>t * rowB;
@@ -2964,7 +2965,18 @@ export function topkBackwardLanes(
       quickIds(fmt, E, K, route + <usize>t * routeB, yrow, IDS, YV);
     } else {
       for (let j = 0; j < 4; j++) {
-        if (j < n) routeRowList(fmt, E, K, route + <usize>(t + j) * routeB, ROW, RS);
+        if (j >= n) {
+          // past T: none
+        } else if (map) {
+          // ascending ids, lowest bit first, -1 once the set runs out
+          let bits = mapBits(fmt, E, route + <usize>(t + j) * routeB);
+          for (let k = 0; k < K; k++) {
+            store<i32>(ROW + (<usize>k << 2), bits ? <i32>ctz(bits) : -1);
+            bits &= bits - 1;
+          }
+        } else {
+          routeRowList(fmt, E, K, route + <usize>(t + j) * routeB, ROW, RS);
+        }
         for (let k = 0; k < K; k++) {
           const at = (<usize>k << 4) + (<usize>j << 2);
           store<i32>(IDS + at, j < n ? load<i32>(ROW + (<usize>k << 2)) : -1);
@@ -3079,6 +3091,18 @@ export function topkBackwardLanes(
   const y1 = v128.load(yrow, 16);
   v128.store(YV, i32x4.shuffle(y0, y1, 0, 2, 4, 6));
   v128.store(YV, i32x4.shuffle(y0, y1, 1, 3, 5, 7), 16);
+}
+
+// routeRowList's experts of a routing-map row (bytemap or bitmap_u8) of E
+// <= LANES_E experts as a bit set (bit e: expert e chosen), in a few
+// instructions rather than a loop over the row's bytes: ctz then walks them
+// in ascending order. A bytemap row is read as one vector: the 16 bytes of
+// slack past each host region keep the load in bounds.
+@inline function mapBits(fmt: i32, E: i32, row: usize): u32 {
+  const bits = fmt == ROUTE_BYTEMAP
+    ? <u32>i8x16.bitmask(i8x16.ne(v128.load(row), i8x16.splat(0)))
+    : (E > 8 ? <u32>load<u16>(row) : <u32>load<u8>(row));
+  return bits & ((<u32>1 << <u32>E) - 1);
 }
 
 // Row e of each of four rows (row j at g0 + j * rowB; logits dtype, widened

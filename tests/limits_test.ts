@@ -15,6 +15,8 @@ import type { FloatTensor, IndexArray, Router, Tensor, TopkOptions, TopkResult }
 import { WasmBackend } from "../wasm/backend.ts";
 import { assertBitIdentical } from "./_assert.ts";
 import { caseArbitrary, describeCase, materialize } from "./_fuzz.ts";
+import { mulberry32, normals } from "./_generators.ts";
+import { narrowTo } from "./reference.ts";
 
 /** A wasm router and its backend (to read its memory size). */
 async function routerWithBackend(options: { chunkBytes?: number; threads?: number }) {
@@ -256,4 +258,39 @@ Deno.test({
       router.dispose();
     }
   },
+});
+
+Deno.test("the sparse backward gathers gradProbs by slices of rows: bits of one token per chunk, NaNs included", async () => {
+  const whole = await createRouter({ backend: "wasm", threads: 1 });
+  const single = await createRouter({ backend: "wasm", threads: 1, chunkBytes: 1 });
+  const rng = mulberry32(77);
+  try {
+    // E = 300: a slice is 109 rows of float32 (218 of 16-bit floats); E = 40000: a row is more than a slice
+    for (const [T, E, K] of [[700, 300, 6], [3, 40000, 4]] as const) {
+      for (const dtype of ["float32", "float16", "bfloat16"] as const) {
+        const logits = { data: narrowTo(normals(rng, T * E), dtype), shape: [T, E], dtype } as FloatTensor;
+        const grad = { data: narrowTo(normals(rng, T * E), dtype), shape: [T, E], dtype } as FloatTensor;
+        const options: TopkOptions = { topk: K, scoreFunction: "sigmoid", indexDtype: "int32" };
+        // NaNs with payloads here and there, and at a chosen expert of every third token
+        const bits = dtype === "float32" ? new Uint32Array(grad.data.buffer) : new Uint16Array(grad.data.buffer);
+        const nan = dtype === "float32" ? 0x7fc00abc : dtype === "float16" ? 0x7e5b : 0x7fc5;
+        for (let i = 0; i < bits.length; i += 97) bits[i] = nan;
+        const ids = (await whole.fusedTopkWithScoreFunction(logits, options)).indices!.data as Int32Array;
+        for (let t = 0; t < T; t += 3) bits[t * E + ids[t * K + (t % K)]!] = nan;
+        const a = await topkOutputs(whole, logits, options, grad);
+        const b = await topkOutputs(single, logits, options, grad);
+        assertBitIdentical(a.grad, b.grad, `${T}x${E} top-${K} ${dtype}: gradient`);
+        const g = dtype === "float32" ? new Uint32Array(a.grad.buffer) : new Uint16Array(a.grad.buffer);
+        const isNaN = dtype === "float32"
+          ? (v: number) => (v & 0x7f800000) === 0x7f800000 && (v & 0x7fffff) !== 0
+          : dtype === "float16"
+          ? (v: number) => (v & 0x7c00) === 0x7c00 && (v & 0x3ff) !== 0
+          : (v: number) => (v & 0x7f80) === 0x7f80 && (v & 0x7f) !== 0;
+        assert.ok(g.some(isNaN), `${T}x${E} ${dtype}: the NaNs reach the gradient`);
+      }
+    }
+  } finally {
+    whole.dispose();
+    single.dispose();
+  }
 });

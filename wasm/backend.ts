@@ -51,6 +51,7 @@ interface Kernels {
   intermediateOf: Fn;
   routeList: Fn;
   scatterRows: Fn;
+  gatherChosen: Fn;
   topkBackwardSparse: Fn;
   topkBackwardLanes: Fn;
   topkBackward: Fn;
@@ -92,6 +93,8 @@ export const MIN_PARALLEL_ELEMENTS = 1 << 18;
 const PIECE_ELEMENTS = 1 << 17;
 /** Bytes copied to both the module and the saved state at a time (see the top-k forward's copyIn). */
 const SLICE_BYTES = 256 << 10;
+/** Bytes of gradProbs rows the sparse backward copies in at a time, for its gather (see gatherChosen). */
+const GATHER_SLICE_BYTES = 128 << 10;
 /** How long the calling thread spins for the workers' last pieces before it awaits their replies. */
 const SPIN_MS = 2;
 
@@ -873,11 +876,13 @@ export class WasmBackend implements Backend {
     const rB = routeRowBytes(route, E, K);
     const out = outBuf?.fill(0) ?? newFloat(dtype, T * E);
     const outBits = rawBits(out);
-    const gradBits = rawBits(grad.data);
     const n = this.#chunk(T, rB + K * (2 * inB + 16));
+    // gradProbs rows go in by slices of about GATHER_SLICE_BYTES, gathered from the cache
+    const slice = Math.max(1, Math.min(n, Math.floor(GATHER_SLICE_BYTES / (E * inB))));
     const k = this.#k;
     const L = new Layout(this.#base());
     const listScratch = L.take(align16(E) + 4 * K);
+    const gradP = L.take(slice * E * inB);
     const routeP = L.take(n * rB);
     const listP = L.take(n * K * 4);
     const gvP = L.take(n * K * inB);
@@ -895,15 +900,12 @@ export class WasmBackend implements Backend {
         k.routeList(ROUTE[route], m, E, K, routeP, listP, listScratch);
       }
       this.#put(yvP, saved.yasc, t0 * K, m * K);
-      const list = new Int32Array(k.memory.buffer, listP, m * K);
-      const gv = this.#bits(dtype, gvP, m * K);
-      for (let t = 0; t < m; t++) {
-        const row = (t0 + t) * E;
-        for (let c = t * K, end = c + K; c < end; c++) {
-          const e = list[c] as number;
-          gv[c] = e < 0 ? 0 : gradBits[row + e] as number;
-        }
+      for (let a = 0; a < m; a += slice) {
+        const rows = Math.min(slice, m - a);
+        this.#put(gradP, grad.data, (t0 + a) * E, rows * E);
+        k.gatherChosen(gradP, DT[dtype], rows, E, K, listP + a * K * 4, gvP + a * K * inB);
       }
+      const list = new Int32Array(k.memory.buffer, listP, m * K);
       // on this thread only: the compact kernel is a small part of the call
       // (the gather and scatter around it run here anyway), and workers made
       // it slower (bench:compare, 2 cores: DSv3 2.67 ms against 2.49 on one

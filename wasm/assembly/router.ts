@@ -2857,6 +2857,27 @@ function routeRowList(fmt: i32, E: i32, K: i32, row: usize, dst: usize, scratch:
 }
 
 /**
+ * The sparse backward's gather: gv[t K + k] = element list[t K + k] of row
+ * t of grad (T rows of E elements of logits dtype, copied in by the host),
+ * as raw bits (NaN payloads kept), 0 where the id is < 0. The host copies
+ * the rows in slices that stay in cache for this (a sequential copy and
+ * reads from cache cost less than reading K scattered elements of each row
+ * of the caller's array, each from memory).
+ */
+export function gatherChosen(grad: usize, dt: i32, T: i32, E: i32, K: i32, list: usize, gv: usize): void {
+  const wide = dt == DT_F32;
+  const rowB = <usize>E << (wide ? 2 : 1);
+  for (let t = 0; t < T; t++) {
+    const row = grad + <usize>t * rowB;
+    for (let c = t * K, end = c + K; c < end; c++) {
+      const e = load<i32>(list + (<usize>c << 2));
+      if (wide) store<u32>(gv + (<usize>c << 2), e < 0 ? 0 : load<u32>(row + (<usize>e << 2)));
+      else store<u16>(gv + (<usize>c << 1), e < 0 ? 0 : load<u16>(row + (<usize>e << 1)));
+    }
+  }
+}
+
+/**
  * Sparse backward of the top-k router (SPEC section 3) for every score
  * function but pre-softmax: only the K chosen experts of a token get a
  * gradient, so it runs on compact rows, in ascending expert order: gv (the

@@ -161,14 +161,14 @@ export function auxLossKernel(k: AuxLossKey): KernelSource {
   const g = gl === null
     ? "P.g"
     : gl === "float32"
-    ? "(bitcast<f32>(gl[0]) * P.g)"
-    : `(${halfToF32(gl, "gl[0] & 0xffffu")} * P.g)`;
+    ? "(bitcast<f32>(gradLoss[0]) * P.g)"
+    : `(${halfToF32(gl, "gradLoss[0] & 0xffffu")} * P.g)`;
   return {
     ...common,
     storage: [
       { name: "tpe", elem: "f32", access: "read" },
       { name: "out", elem: half ? "u32" : "f32", access: "read_write" },
-      ...(gl === null ? [] : [{ name: "gl", elem: "u32", access: "read" as const }]),
+      ...(gl === null ? [] : [{ name: "gradLoss", elem: "u32", access: "read" as const }]),
     ],
     helpers: MATH_WGSL,
     // one thread per output word (two 16-bit elements, or one f32); e0 = first element of this dispatch

@@ -428,10 +428,10 @@ fn teamSum(v: f32, li: u32, lane: u32) -> f32 {
       // a group's score: the sum of its top \`per\` selection scores, largest first
       const groupScore = (lg: number) =>
         `{
-      ${emptyList("gl", per)}
-      ${each(gsize, (i) => `${per === K ? "insK" : "insG"}(&gl, r${lg * gsize + i}, ${i}u);`, " ")}
+      ${emptyList("glist", per)}
+      ${each(gsize, (i) => `${per === K ? "insK" : "insG"}(&glist, r${lg * gsize + i}, ${i}u);`, " ")}
       var sum = 0.0;
-      ${each(per, (j) => `sum = sum + floatOfKey(gl[${2 * j}]);`, " ")}
+      ${each(per, (j) => `sum = sum + floatOfKey(glist[${2 * j}]);`, " ")}
       gsc[gbase + lane * ${gpl}u + ${lg}u] = keyOf(sum);
     }`;
       const keepGroup = (lg: number) =>
@@ -467,16 +467,16 @@ fn teamSum(v: f32, li: u32, lane: u32) -> f32 {
   // lanes' own top ${per}; the ${GK} best groups are kept (ties: lower group)
   let gbase = row * ${G}u;
   {
-    ${emptyList("gl", per)}
-    ${each(C, (i) => `${ins}(&gl, r${i}, ${i}u);`, " ")}
-    ${each(per, (j) => `gpart[li * ${per}u + ${j}u] = gl[${2 * j}];`, " ")}
+    ${emptyList("glist", per)}
+    ${each(C, (i) => `${ins}(&glist, r${i}, ${i}u);`, " ")}
+    ${each(per, (j) => `gpart[li * ${per}u + ${j}u] = glist[${2 * j}];`, " ")}
   }
   workgroupBarrier();
   if (live && lane % ${lpg}u == 0u) {
-    ${emptyList("gl", per)}
-    ${each(lpg * per, (i) => `${ins}(&gl, gpart[li * ${per}u + ${i}u], ${i}u);`, " ")}
+    ${emptyList("glist", per)}
+    ${each(lpg * per, (i) => `${ins}(&glist, gpart[li * ${per}u + ${i}u], ${i}u);`, " ")}
     var sum = 0.0;
-    ${each(per, (j) => `sum = sum + floatOfKey(gl[${2 * j}]);`, " ")}
+    ${each(per, (j) => `sum = sum + floatOfKey(glist[${2 * j}]);`, " ")}
     gsc[gbase + lane / ${lpg}u] = keyOf(sum);
   }
   workgroupBarrier();

@@ -215,3 +215,54 @@ Deno.test({
     }
   },
 });
+
+// Deno's WebGPU runs on OpenGL where there is no Vulkan driver, and its
+// translation of WGSL to GLSL turned an identifier `gl` into `gl_1`, which
+// GLSL reserves (its `gl_` prefix): the grouped kernels did not compile there.
+Deno.test({
+  name: "the WGSL of the kernels uses no identifier that GLSL reserves (gl, gl_*)",
+  ignore: !hasGpu,
+  async fn() {
+    const adapter = (await navigator.gpu.requestAdapter())!;
+    const device = await adapter.requestDevice();
+    const sources: string[] = [];
+    const create = device.createShaderModule.bind(device);
+    device.createShaderModule = (d: GPUShaderModuleDescriptor) => {
+      sources.push(d.code);
+      return create(d);
+    };
+    const rng = mulberry32(404);
+    const E = 64;
+    const logits = { data: Float32Array.from({ length: 8 * E }, () => rng() * 4 - 2), shape: [8, E], dtype: "float32" };
+    const bias = { data: new Float32Array(E), shape: [E], dtype: "float32" } as FloatTensor;
+    const grad = { data: new Float32Array(8 * E).fill(1), shape: [8, E], dtype: "float32" } as FloatTensor;
+    for (const generalKernels of [false, true]) {
+      const router = await createRouter({ backend: "webgpu", webgpu: { device, generalKernels } });
+      try {
+        for (
+          const options of [
+            { topk: 8, scoreFunction: "sigmoid", numGroups: 8, groupTopk: 4, expertBias: bias },
+            { topk: 8, scoreFunction: "softmax", numGroups: 8, groupTopk: 4 },
+            { topk: 4, scoreFunction: "sqrtsoftplus" },
+          ] as TopkOptions[]
+        ) {
+          const out = await router.fusedTopkWithScoreFunction(logits as FloatTensor, options);
+          await router.fusedTopkWithScoreFunctionBackward(out.saved, grad);
+        }
+        const aux = await router.fusedComputeScoreForMoEAuxLoss(logits as FloatTensor, {
+          topk: 4,
+          scoreFunction: "softmax",
+        });
+        await router.fusedComputeScoreForMoEAuxLossBackward(aux.saved, { ...grad, dtype: "float32" } as never);
+      } finally {
+        router.dispose();
+      }
+    }
+    assert.ok(sources.length >= 4, `${sources.length} shaders compiled`);
+    for (const code of sources) {
+      const bad = code.match(/\bgl(_\w*)?\b/);
+      assert.ok(bad === null, `identifier ${bad?.[0]} in a shader:\n${code.slice(0, 200)}`);
+    }
+    device.destroy();
+  },
+});

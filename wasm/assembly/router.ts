@@ -179,12 +179,11 @@ const VCONST = memory.data<f32>([
   1.4426950408889634, 1.4426950408889634, 1.4426950408889634, 1.4426950408889634, // LOG2E
   0.693359375, 0.693359375, 0.693359375, 0.693359375, // LN2_HI
   -0.00021219444, -0.00021219444, -0.00021219444, -0.00021219444, // LN2_LO
-  0.000198756915, 0.000198756915, 0.000198756915, 0.000198756915, // EXP_P0
-  0.0013981999507, 0.0013981999507, 0.0013981999507, 0.0013981999507, // EXP_P1
-  0.0083334519073, 0.0083334519073, 0.0083334519073, 0.0083334519073, // EXP_P2
-  0.041665795894, 0.041665795894, 0.041665795894, 0.041665795894, // EXP_P3
-  0.16666665459, 0.16666665459, 0.16666665459, 0.16666665459, // EXP_P4
-  0.50000001201, 0.50000001201, 0.50000001201, 0.50000001201, // EXP_P5
+  0.0013718281406909227, 0.0013718281406909227, 0.0013718281406909227, 0.0013718281406909227, // EXP_P0
+  0.008364567533135414, 0.008364567533135414, 0.008364567533135414, 0.008364567533135414, // EXP_P1
+  0.04166866093873978, 0.04166866093873978, 0.04166866093873978, 0.04166866093873978, // EXP_P2
+  0.16666559875011444, 0.16666559875011444, 0.16666559875011444, 0.16666559875011444, // EXP_P3
+  0.5, 0.5, 0.5, 0.5, // EXP_P4
   1.0, 1.0, 1.0, 1.0, // ONE
   0.5, 0.5, 0.5, 0.5, // HALF
   2.0, 2.0, 2.0, 2.0, // TWO
@@ -225,56 +224,64 @@ const VCONST = memory.data<f32>([
 @inline function EXP_P2(): v128 { return v128.load(VCONST + 128); }
 @inline function EXP_P3(): v128 { return v128.load(VCONST + 144); }
 @inline function EXP_P4(): v128 { return v128.load(VCONST + 160); }
-@inline function EXP_P5(): v128 { return v128.load(VCONST + 176); }
-@inline function ONE(): v128 { return v128.load(VCONST + 192); }
-@inline function HALF(): v128 { return v128.load(VCONST + 208); }
-@inline function TWO(): v128 { return v128.load(VCONST + 224); }
-@inline function SOFTPLUS_LIN(): v128 { return v128.load(VCONST + 240); }
-@inline function EPS_V(): v128 { return v128.load(VCONST + 256); }
-@inline function INF(): v128 { return v128.load(VCONST + 272); }
-@inline function SQRT2(): v128 { return v128.load(VCONST + 288); }
-@inline function LOG_P0(): v128 { return v128.load(VCONST + 304); }
-@inline function LOG_P1(): v128 { return v128.load(VCONST + 320); }
-@inline function LOG_P2(): v128 { return v128.load(VCONST + 336); }
-@inline function LOG_P3(): v128 { return v128.load(VCONST + 352); }
-@inline function LOG_P4(): v128 { return v128.load(VCONST + 368); }
-@inline function LOG_P5(): v128 { return v128.load(VCONST + 384); }
-@inline function LOG_P6(): v128 { return v128.load(VCONST + 400); }
-@inline function LOG_P7(): v128 { return v128.load(VCONST + 416); }
-@inline function LOG_P8(): v128 { return v128.load(VCONST + 432); }
-@inline function I127(): v128 { return v128.load(VCONST + 448); }
-@inline function ONE_BITS(): v128 { return v128.load(VCONST + 464); }
-@inline function MANT_MASK(): v128 { return v128.load(VCONST + 480); }
-@inline function SIGN_BIT(): v128 { return v128.load(VCONST + 496); }
-@inline function KEY_NAN_V(): v128 { return v128.load(VCONST + 512); }
-@inline function IOTA(): v128 { return v128.load(VCONST + 528); }
-@inline function NEG_INF(): v128 { return v128.load(VCONST + 544); }
-@inline function EXP_N125(): v128 { return v128.load(VCONST + 560); }
-@inline function SIG_SAFE(): v128 { return v128.load(VCONST + 576); }
+@inline function ONE(): v128 { return v128.load(VCONST + 176); }
+@inline function HALF(): v128 { return v128.load(VCONST + 192); }
+@inline function TWO(): v128 { return v128.load(VCONST + 208); }
+@inline function SOFTPLUS_LIN(): v128 { return v128.load(VCONST + 224); }
+@inline function EPS_V(): v128 { return v128.load(VCONST + 240); }
+@inline function INF(): v128 { return v128.load(VCONST + 256); }
+@inline function SQRT2(): v128 { return v128.load(VCONST + 272); }
+@inline function LOG_P0(): v128 { return v128.load(VCONST + 288); }
+@inline function LOG_P1(): v128 { return v128.load(VCONST + 304); }
+@inline function LOG_P2(): v128 { return v128.load(VCONST + 320); }
+@inline function LOG_P3(): v128 { return v128.load(VCONST + 336); }
+@inline function LOG_P4(): v128 { return v128.load(VCONST + 352); }
+@inline function LOG_P5(): v128 { return v128.load(VCONST + 368); }
+@inline function LOG_P6(): v128 { return v128.load(VCONST + 384); }
+@inline function LOG_P7(): v128 { return v128.load(VCONST + 400); }
+@inline function LOG_P8(): v128 { return v128.load(VCONST + 416); }
+@inline function I127(): v128 { return v128.load(VCONST + 432); }
+@inline function ONE_BITS(): v128 { return v128.load(VCONST + 448); }
+@inline function MANT_MASK(): v128 { return v128.load(VCONST + 464); }
+@inline function SIGN_BIT(): v128 { return v128.load(VCONST + 480); }
+@inline function KEY_NAN_V(): v128 { return v128.load(VCONST + 496); }
+@inline function IOTA(): v128 { return v128.load(VCONST + 512); }
+@inline function NEG_INF(): v128 { return v128.load(VCONST + 528); }
+@inline function EXP_N125(): v128 { return v128.load(VCONST + 544); }
+@inline function SIG_SAFE(): v128 { return v128.load(VCONST + 560); }
 // lanes j >= 4 - q: rotated by q lanes (lane j reads lane (j + q) & 3), the lanes that read an earlier lane
-@inline function TIE1(): v128 { return v128.load(VCONST + 592); }
-@inline function TIE2(): v128 { return v128.load(VCONST + 608); }
-@inline function TIE3(): v128 { return v128.load(VCONST + 624); }
+@inline function TIE1(): v128 { return v128.load(VCONST + 576); }
+@inline function TIE2(): v128 { return v128.load(VCONST + 592); }
+@inline function TIE3(): v128 { return v128.load(VCONST + 608); }
 
 // exp(r) of the reduced argument, shared by vexp and vexpNeg: t is the
 // shifter sum (1.5 * 2^23 + n, n = round(xc / ln2)); r = xc - n*ln2 in two
-// parts (Cody-Waite), then Cephes' degree-6 polynomial.
+// parts (Cody-Waite), then expOfReduced.
 @inline function expReduced(xc: v128, t: v128): v128 {
   const n = f32x4.sub(t, EXP_SHIFT());
   let r = f32x4.sub(xc, f32x4.mul(n, LN2_HI()));
   r = f32x4.sub(r, f32x4.mul(n, LN2_LO()));
+  return expOfReduced(r);
+}
+
+// exp(r) for |r| <= ln2/2: 1 + r + r^2 q(r), q of degree 4 (a degree-6
+// polynomial), its coefficients (EXP_P0..P4) fitted by minimax for this form
+// (scripts/fit_exp.py). In float32 it is within 0.82 ulp of exp(r), as close
+// as Cephes' degree-7 polynomial (the fit's own error is 1e-9 relative,
+// below the evaluation's roundings), in two steps fewer: the sigmoid pass
+// runs it on every logit.
+@inline function expOfReduced(r: v128): v128 {
   let p = EXP_P0();
   p = f32x4.add(f32x4.mul(p, r), EXP_P1());
   p = f32x4.add(f32x4.mul(p, r), EXP_P2());
   p = f32x4.add(f32x4.mul(p, r), EXP_P3());
   p = f32x4.add(f32x4.mul(p, r), EXP_P4());
-  p = f32x4.add(f32x4.mul(p, r), EXP_P5());
   return f32x4.add(f32x4.add(f32x4.mul(f32x4.mul(p, r), r), r), ONE());
 }
 
 // exp(x) on 4 lanes, about 1 ulp over the whole float32 range, subnormal
 // results included: x = n*ln2 + r with |r| <= ln2/2 (Cody-Waite split of
-// ln2), exp(r) by Cephes' degree-6 polynomial, then times 2^n. n is rounded
+// ln2), exp(r) by expOfReduced's polynomial, then times 2^n. n is rounded
 // by the shifter trick (adding 1.5 * 2^23 leaves n in the low mantissa
 // bits), and 2^n is applied as 2^(n >> 1) * 2^(n - (n >> 1)), two normal
 // factors for n in [-150, 128], so results below 2^-126 come out subnormal
@@ -336,11 +343,12 @@ const VCONST = memory.data<f32>([
 
 // sigmoid(x) = 1 / (1 + exp(-x)) for x >= 0, and exp(x) / (1 + exp(x))
 // below, so that exp never overflows and tiny sigmoids keep their
-// (subnormal) values instead of collapsing to 0.
+// (subnormal) values instead of collapsing to 0: one division of the
+// numerator chosen by the sign (correctly rounded, and a step shorter
+// than e times 1 / (1 + e)).
 @inline function vsigmoid(x: v128): v128 {
   const e = vexp(f32x4.neg(f32x4.abs(x)));
-  const d = f32x4.div(ONE(), f32x4.add(ONE(), e));
-  return v128.bitselect(d, f32x4.mul(e, d), f32x4.ge(x, f32x4.splat(0)));
+  return f32x4.div(v128.bitselect(ONE(), e, f32x4.ge(x, f32x4.splat(0))), f32x4.add(ONE(), e));
 }
 
 // exp(x) for x <= 0 (or NaN), bit for bit vexp(x) there, in fewer steps:
@@ -364,12 +372,11 @@ const VCONST = memory.data<f32>([
 }
 
 // vsigmoid, bit for bit, on vexpNeg: -|x| is x with the sign bit set, and
-// the lane select goes by the sign bit instead of x >= 0 (x = -0: e = 1, so
-// e * d == d; NaN: e and d carry the same NaN, so e * d == d).
+// the numerator goes by the sign bit instead of x >= 0, as pmax(e, 0 or 1):
+// e where the sign is set, else 1 (e <= 1; x = -0 gives e = 1 either way;
+// a NaN e is kept, and the division returns it as vsigmoid's does).
 @inline function vsigmoidFast(x: v128): v128 {
-  const e = vexpNeg(v128.or(x, SIGN_BIT()));
-  const d = f32x4.div(ONE(), f32x4.add(ONE(), e));
-  return v128.bitselect(f32x4.mul(e, d), d, i32x4.shr_s(x, 31));
+  return sigmoidOfExp(x, vexpNeg(v128.or(x, SIGN_BIT())));
 }
 
 // sqrtsoftplus(x) = sqrt(softplus(x)), softplus(x) = log1p(exp(x)):
@@ -1016,8 +1023,7 @@ const PASS_POST: i32 = 3; // keys of x itself
 //     half to even), one step shorter; n = -0 (where the shifter gives +0)
 //     changes no r: -|x| - n * LN2_HI is -|x| but for x = 0, where the two
 //     steps give +0 either way;
-//   * the lane select is the multiplier pmax(e, x < 0 ? 0 : 1) of d: e
-//     where x's sign is set, else 1 (e <= 1; 1 * d == d);
+//   * the numerator is vsigmoidFast's (sigmoidOfExp);
 // and no selection score is NaN when the bias has none (the caller checks),
 // so there is no NaN flag. (mathCheck 8 against 5: equal bits on every
 // float32 x with |x| <= 86.)
@@ -1038,21 +1044,13 @@ const PASS_POST: i32 = 3; // keys of x itself
 
 // then the polynomial of expReduced, times 2^n (t: the shifter's sum)
 @inline function expPoly(r: v128, t: v128): v128 {
-  let p = EXP_P0();
-  p = f32x4.add(f32x4.mul(p, r), EXP_P1());
-  p = f32x4.add(f32x4.mul(p, r), EXP_P2());
-  p = f32x4.add(f32x4.mul(p, r), EXP_P3());
-  p = f32x4.add(f32x4.mul(p, r), EXP_P4());
-  p = f32x4.add(f32x4.mul(p, r), EXP_P5());
-  p = f32x4.add(f32x4.add(f32x4.mul(f32x4.mul(p, r), r), r), ONE());
-  return f32x4.mul(p, i32x4.add(i32x4.shl(t, 23), ONE_BITS()));
+  return f32x4.mul(expOfReduced(r), i32x4.add(i32x4.shl(t, 23), ONE_BITS()));
 }
 
-// and sigmoid(x) from e = exp(-|x|)
+// and sigmoid(x) from e = exp(-|x|) (see vsigmoidFast)
 @inline function sigmoidOfExp(x: v128, e: v128): v128 {
   const one = ONE();
-  const d = f32x4.div(one, f32x4.add(one, e));
-  return f32x4.mul(f32x4.pmax(e, v128.andnot(one, i32x4.shr_s(x, 31))), d);
+  return f32x4.div(f32x4.pmax(e, v128.andnot(one, i32x4.shr_s(x, 31))), f32x4.add(one, e));
 }
 
 // the key of r = s + bias (see fusedPass: r is never -0 or, here, NaN)

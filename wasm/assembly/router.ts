@@ -175,7 +175,7 @@ function narrowRow(src: usize, E: i32, dt: i32, dst: usize): void {
 const VCONST = memory.data<f32>([
   -104.0, -104.0, -104.0, -104.0, // EXP_LO
   89.0, 89.0, 89.0, 89.0, // EXP_HI
-  12582912.0, 12582912.0, 12582912.0, 12582912.0, // EXP_SHIFT
+  12583039.0, 12583039.0, 12583039.0, 12583039.0, // EXP_SHIFT: 1.5 * 2^23 + 127
   1.4426950408889634, 1.4426950408889634, 1.4426950408889634, 1.4426950408889634, // LOG2E
   0.693359375, 0.693359375, 0.693359375, 0.693359375, // LN2_HI
   -0.00021219444, -0.00021219444, -0.00021219444, -0.00021219444, // LN2_LO
@@ -209,6 +209,7 @@ const VCONST = memory.data<f32>([
   -Infinity, -Infinity, -Infinity, -Infinity, // NEG_INF
   reinterpret<f32>(<u32>0xc1800000), reinterpret<f32>(<u32>0xc1800000), reinterpret<f32>(<u32>0xc1800000), reinterpret<f32>(<u32>0xc1800000), // EXP_N125: -125 << 23
   -86.0, -86.0, -86.0, -86.0, // SIG_SAFE
+  reinterpret<f32>(<u32>0x01000000), reinterpret<f32>(<u32>0x01000000), reinterpret<f32>(<u32>0x01000000), reinterpret<f32>(<u32>0x01000000), // EXP_MIN_SCALE: (-125 + 127) << 23
   reinterpret<f32>(<u32>0), reinterpret<f32>(<u32>0), reinterpret<f32>(<u32>0), reinterpret<f32>(<u32>0xffffffff), // TIE1
   reinterpret<f32>(<u32>0), reinterpret<f32>(<u32>0), reinterpret<f32>(<u32>0xffffffff), reinterpret<f32>(<u32>0xffffffff), // TIE2
   reinterpret<f32>(<u32>0), reinterpret<f32>(<u32>0xffffffff), reinterpret<f32>(<u32>0xffffffff), reinterpret<f32>(<u32>0xffffffff), // TIE3
@@ -249,13 +250,15 @@ const VCONST = memory.data<f32>([
 @inline function NEG_INF(): v128 { return v128.load(VCONST + 528); }
 @inline function EXP_N125(): v128 { return v128.load(VCONST + 544); }
 @inline function SIG_SAFE(): v128 { return v128.load(VCONST + 560); }
+@inline function EXP_MIN_SCALE(): v128 { return v128.load(VCONST + 576); }
 // lanes j >= 4 - q: rotated by q lanes (lane j reads lane (j + q) & 3), the lanes that read an earlier lane
-@inline function TIE1(): v128 { return v128.load(VCONST + 576); }
-@inline function TIE2(): v128 { return v128.load(VCONST + 592); }
-@inline function TIE3(): v128 { return v128.load(VCONST + 608); }
+@inline function TIE1(): v128 { return v128.load(VCONST + 592); }
+@inline function TIE2(): v128 { return v128.load(VCONST + 608); }
+@inline function TIE3(): v128 { return v128.load(VCONST + 624); }
 
 // exp(r) of the reduced argument, shared by vexp and vexpNeg: t is the
-// shifter sum (1.5 * 2^23 + n, n = round(xc / ln2)); r = xc - n*ln2 in two
+// shifter sum (EXP_SHIFT + n = 1.5 * 2^23 + 127 + n, n = round(xc / ln2));
+// r = xc - n*ln2 in two
 // parts (Cody-Waite), then expOfReduced.
 @inline function expReduced(xc: v128, t: v128): v128 {
   const n = f32x4.sub(t, EXP_SHIFT());
@@ -283,7 +286,7 @@ const VCONST = memory.data<f32>([
 // results included: x = n*ln2 + r with |r| <= ln2/2 (Cody-Waite split of
 // ln2), exp(r) by expOfReduced's polynomial, then times 2^n. n is rounded
 // by the shifter trick (adding 1.5 * 2^23 leaves n in the low mantissa
-// bits), and 2^n is applied as 2^(n >> 1) * 2^(n - (n >> 1)), two normal
+// bits; the shifter also adds 127, the exponent bias, for vexpNeg), and 2^n is applied as 2^(n >> 1) * 2^(n - (n >> 1)), two normal
 // factors for n in [-150, 128], so results below 2^-126 come out subnormal
 // rather than 0 and results above FLT_MAX overflow to inf. x is clamped to
 // [-104, 89] first (pmin / pmax: one instruction each; NaN in x propagates);
@@ -354,17 +357,20 @@ const VCONST = memory.data<f32>([
 // exp(x) for x <= 0 (or NaN), bit for bit vexp(x) there, in fewer steps:
 // no upper clamp (never reached); no final mask, since the clamped x = -104
 // already gives +0 (n = -150, and p * 2^-150 < 2^-150 rounds to 0); and 2^n
-// as 2^max(n, -125) * 2^(n - max(n, -125)), taking n << 23 straight from the
-// shifter's bits (t = 1.5 * 2^23 + n, so t << 23 == n << 23). As in vexp, the
-// first product is exact (a normal number) and the second rounds once, so
-// both give the correctly rounded p * 2^n.
+// as 2^max(n, -125) * 2^(n - max(n, -125)). As in vexp, the first product
+// is exact (a normal number) and the second rounds once, so both give the
+// correctly rounded p * 2^n. Where every n >= -125 (x above about -86.6:
+// nearly always) the second factor is 1, and the first is the shifter's
+// bits shifted: t = 1.5 * 2^23 + 127 + n, so t << 23 == (n + 127) << 23, the
+// float 2^n (for n < -125 the bits wrap to below 2^-125's, and the general
+// steps run).
 @inline function vexpNeg(x: v128): v128 {
   const xc = f32x4.pmax(x, EXP_LO());
   const t = f32x4.add(f32x4.mul(xc, LOG2E()), EXP_SHIFT());
   const p = expReduced(xc, t);
-  const nb = i32x4.shl(t, 23); // n << 23
-  // every n >= -125 (x above about -86.6: nearly always): s2 below is 1
-  if (!v128.any_true(i32x4.lt_s(nb, EXP_N125()))) return f32x4.mul(p, i32x4.add(nb, ONE_BITS()));
+  const sb = i32x4.shl(t, 23);
+  if (!v128.any_true(i32x4.lt_s(sb, EXP_MIN_SCALE()))) return f32x4.mul(p, sb);
+  const nb = i32x4.shl(i32x4.sub(t, EXP_SHIFT()), 23); // n << 23
   const a = i32x4.max_s(nb, EXP_N125()); // max(n, -125) << 23
   const s1 = i32x4.add(a, ONE_BITS()); // 2^max(n, -125)
   const s2 = i32x4.add(i32x4.sub(nb, a), ONE_BITS()); // 2^(n - max(n, -125))
@@ -1019,10 +1025,7 @@ const PASS_POST: i32 = 3; // keys of x itself
 // everything again. The same bits as vsigmoidFast, since for those x:
 //   * vexpNeg's -|x| needs no clamp at -104, and its n >= -125 (the scale
 //     2^n is the one multiply);
-//   * n = nearest(-|x| * log2e) is the shifter's n (|n| < 2^22, both round
-//     half to even), one step shorter; n = -0 (where the shifter gives +0)
-//     changes no r: -|x| - n * LN2_HI is -|x| but for x = 0, where the two
-//     steps give +0 either way;
+//   * n and the scale come from the shifter as in vexpNeg (n + 127 >= 2);
 //   * the numerator is vsigmoidFast's (sigmoidOfExp);
 // and no selection score is NaN when the bias has none (the caller checks),
 // so there is no NaN flag. (mathCheck 8 against 5: equal bits on every
@@ -1031,20 +1034,24 @@ const PASS_POST: i32 = 3; // keys of x itself
   return sigmoidSafeN(x, v128.or(x, SIGN_BIT()));
 }
 @inline function sigmoidSafeN(x: v128, xn: v128): v128 {
-  const m = f32x4.mul(xn, LOG2E());
-  return sigmoidOfExp(x, expPoly(expArg(xn, m), f32x4.add(m, EXP_SHIFT())));
+  const t = shifted(xn);
+  return sigmoidOfExp(x, expPoly(expArg(xn, t), t));
 }
 
-// sigmoidSafe's exp(-|x|), first steps: r = xn - n * ln2 (Cody-Waite; m = xn * log2e)
-@inline function expArg(xn: v128, m: v128): v128 {
-  const n = f32x4.nearest(m);
+// sigmoidSafe's exp(-|x|), first steps: the shifter's sum t (see vexpNeg), then
+// r = xn - n * ln2 (Cody-Waite)
+@inline function shifted(xn: v128): v128 {
+  return f32x4.add(f32x4.mul(xn, LOG2E()), EXP_SHIFT());
+}
+@inline function expArg(xn: v128, t: v128): v128 {
+  const n = f32x4.sub(t, EXP_SHIFT());
   const r = f32x4.sub(xn, f32x4.mul(n, LN2_HI()));
   return f32x4.sub(r, f32x4.mul(n, LN2_LO()));
 }
 
-// then the polynomial of expReduced, times 2^n (t: the shifter's sum)
+// then the polynomial of expReduced, times 2^n (n >= -125)
 @inline function expPoly(r: v128, t: v128): v128 {
-  return f32x4.mul(expOfReduced(r), i32x4.add(i32x4.shl(t, 23), ONE_BITS()));
+  return f32x4.mul(expOfReduced(r), i32x4.shl(t, 23));
 }
 
 // and sigmoid(x) from e = exp(-|x|) (see vsigmoidFast)
@@ -1118,19 +1125,18 @@ const PASS_POST: i32 = 3; // keys of x itself
   let xB1 = v128.load(src, 16);
   let xn0 = v128.or(xB0, SIGN_BIT()), xn1 = v128.or(xB1, SIGN_BIT());
   let mx = i32x4.max_s(xn0, xn1);
-  let m0 = f32x4.mul(xn0, LOG2E()), m1 = f32x4.mul(xn1, LOG2E());
-  let eB0 = expPoly(expArg(xn0, m0), f32x4.add(m0, EXP_SHIFT()));
-  let eB1 = expPoly(expArg(xn1, m1), f32x4.add(m1, EXP_SHIFT()));
+  let tA0 = shifted(xn0), tA1 = shifted(xn1);
+  let eB0 = expPoly(expArg(xn0, tA0), tA0);
+  let eB1 = expPoly(expArg(xn1, tA1), tA1);
   const a = <usize>min(8, last) << 2;
   let xA0 = v128.load(src + a);
   let xA1 = v128.load(src + a, 16);
   xn0 = v128.or(xA0, SIGN_BIT());
   xn1 = v128.or(xA1, SIGN_BIT());
   mx = i32x4.max_s(mx, i32x4.max_s(xn0, xn1));
-  m0 = f32x4.mul(xn0, LOG2E());
-  m1 = f32x4.mul(xn1, LOG2E());
-  let rA0 = expArg(xn0, m0), rA1 = expArg(xn1, m1);
-  let tA0 = f32x4.add(m0, EXP_SHIFT()), tA1 = f32x4.add(m1, EXP_SHIFT());
+  tA0 = shifted(xn0);
+  tA1 = shifted(xn1);
+  let rA0 = expArg(xn0, tA0), rA1 = expArg(xn1, tA1);
   let top1 = f32x4.splat(0);
   let top2 = f32x4.splat(0);
   let gEnd = gsize;
@@ -1143,9 +1149,8 @@ const PASS_POST: i32 = 3; // keys of x itself
     const y1 = v128.load(src + on, 16);
     const yn0 = v128.or(y0, SIGN_BIT()), yn1 = v128.or(y1, SIGN_BIT());
     mx = i32x4.max_s(mx, i32x4.max_s(yn0, yn1));
-    const n0 = f32x4.mul(yn0, LOG2E()), n1 = f32x4.mul(yn1, LOG2E());
-    const r0 = expArg(yn0, n0), r1 = expArg(yn1, n1);
-    const t0 = f32x4.add(n0, EXP_SHIFT()), t1 = f32x4.add(n1, EXP_SHIFT());
+    const t0 = shifted(yn0), t1 = shifted(yn1);
+    const r0 = expArg(yn0, t0), r1 = expArg(yn1, t1);
     // B: the two at i + 8
     const e0 = expPoly(rA0, tA0);
     const e1 = expPoly(rA1, tA1);

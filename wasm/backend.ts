@@ -864,11 +864,12 @@ export class WasmBackend implements Backend {
 
   // Runs work that this thread does alone (no worker takes part) on a
   // module instance of this thread's own, with unshared memory, where the
-  // backend has workers: copies between the caller's arrays and shared
-  // memory cost more (V8 copies word by word there, which could race), and
-  // the sparse backward is mostly copies (bench: DeepSeek-V3's 1.6 ms on one
-  // thread took 2.1 ms with a threaded backend's memory). The work runs
-  // synchronously, with #k pointing at that instance until it returns.
+  // backend has workers: the sparse backward ran 15-30% slower on the
+  // workers' shared memory (same process: DeepSeek-V3 2.13 ms against 1.64
+  // on a one-thread backend; 1.93 against 1.91 this way). The cause is not
+  // isolated: copies into shared memory and typed-array reads from it
+  // measure as fast as unshared ones alone. The work runs synchronously,
+  // with #k pointing at that instance until it returns.
   async #onThisThread<R>(work: () => R): Promise<R> {
     if (this.#pool === null) return work();
     const own = this.#reader ??= await instantiateKernels();

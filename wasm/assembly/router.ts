@@ -258,8 +258,7 @@ const VCONST = memory.data<f32>([
 
 // exp(r) of the reduced argument, shared by vexp and vexpNeg: t is the
 // shifter sum (EXP_SHIFT + n = 1.5 * 2^23 + 127 + n, n = round(xc / ln2));
-// r = xc - n*ln2 in two
-// parts (Cody-Waite), then expOfReduced.
+// r = xc - n*ln2 in two parts (Cody-Waite), then expOfReduced.
 @inline function expReduced(xc: v128, t: v128): v128 {
   const n = f32x4.sub(t, EXP_SHIFT());
   let r = f32x4.sub(xc, f32x4.mul(n, LN2_HI()));
@@ -269,7 +268,7 @@ const VCONST = memory.data<f32>([
 
 // exp(r) for |r| <= ln2/2: 1 + r + r^2 q(r), q of degree 4 (a degree-6
 // polynomial), its coefficients (EXP_P0..P4) fitted by minimax for this form
-// (scripts/fit_exp.py). In float32 it is within 0.82 ulp of exp(r), as close
+// (scripts/fit_exp.py). In float32 it is within 0.81 ulp of exp(r), as close
 // as Cephes' degree-7 polynomial (the fit's own error is 1e-9 relative,
 // below the evaluation's roundings), in two steps fewer: the sigmoid pass
 // runs it on every logit.
@@ -286,7 +285,8 @@ const VCONST = memory.data<f32>([
 // results included: x = n*ln2 + r with |r| <= ln2/2 (Cody-Waite split of
 // ln2), exp(r) by expOfReduced's polynomial, then times 2^n. n is rounded
 // by the shifter trick (adding 1.5 * 2^23 leaves n in the low mantissa
-// bits; the shifter also adds 127, the exponent bias, for vexpNeg), and 2^n is applied as 2^(n >> 1) * 2^(n - (n >> 1)), two normal
+// bits; the shifter also adds 127, the exponent bias, for vexpNeg), and
+// 2^n is applied as 2^(n >> 1) * 2^(n - (n >> 1)), two normal
 // factors for n in [-150, 128], so results below 2^-126 come out subnormal
 // rather than 0 and results above FLT_MAX overflow to inf. x is clamped to
 // [-104, 89] first (pmin / pmax: one instruction each; NaN in x propagates);

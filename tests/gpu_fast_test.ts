@@ -5,7 +5,7 @@
 // dead rows in the last workgroup and dispatches split at binding limits.
 import assert from "node:assert";
 import { createRouter } from "../mod.ts";
-import type { FloatDType, FloatTensor, IndexDType, RoutingMapFormat, TopkOptions } from "../mod.ts";
+import type { FloatDType, FloatTensor, IndexDType, RoutingMapFormat, Tensor, TopkOptions } from "../mod.ts";
 import { planTopk } from "../_validate.ts";
 import { fastBackwardKey, fastForwardKey } from "../gpu/_fast_kernels.ts";
 import { assertArrayEqual, assertBitIdentical, assertClose } from "./_assert.ts";
@@ -233,9 +233,13 @@ Deno.test({
     };
     const rng = mulberry32(404);
     const E = 64;
-    const logits = { data: Float32Array.from({ length: 8 * E }, () => rng() * 4 - 2), shape: [8, E], dtype: "float32" };
-    const bias = { data: new Float32Array(E), shape: [E], dtype: "float32" } as FloatTensor;
-    const grad = { data: new Float32Array(8 * E).fill(1), shape: [8, E], dtype: "float32" } as FloatTensor;
+    const logits: FloatTensor = {
+      data: Float32Array.from({ length: 8 * E }, () => rng() * 4 - 2),
+      shape: [8, E],
+      dtype: "float32",
+    };
+    const bias: FloatTensor = { data: new Float32Array(E), shape: [E], dtype: "float32" };
+    const grad: Tensor<"float32"> = { data: new Float32Array(8 * E).fill(1), shape: [8, E], dtype: "float32" };
     for (const generalKernels of [false, true]) {
       const router = await createRouter({ backend: "webgpu", webgpu: { device, generalKernels } });
       try {
@@ -246,14 +250,14 @@ Deno.test({
             { topk: 4, scoreFunction: "sqrtsoftplus" },
           ] as TopkOptions[]
         ) {
-          const out = await router.fusedTopkWithScoreFunction(logits as FloatTensor, options);
+          const out = await router.fusedTopkWithScoreFunction(logits, options);
           await router.fusedTopkWithScoreFunctionBackward(out.saved, grad);
         }
-        const aux = await router.fusedComputeScoreForMoEAuxLoss(logits as FloatTensor, {
+        const aux = await router.fusedComputeScoreForMoEAuxLoss(logits, {
           topk: 4,
           scoreFunction: "softmax",
         });
-        await router.fusedComputeScoreForMoEAuxLossBackward(aux.saved, { ...grad, dtype: "float32" } as never);
+        await router.fusedComputeScoreForMoEAuxLossBackward(aux.saved, grad);
       } finally {
         router.dispose();
       }

@@ -347,8 +347,12 @@ export class WasmBackend implements Backend {
   #pending = 0;
   #lanes: boolean;
   #laneTokens = 0;
-  /** The instance that computes sigmoid intermediates on demand (sigmoidReader), made on first need. */
-  #reader: Kernels | null = null;
+  /**
+   * A module instance of this thread's own, on unshared memory, made on first need: it computes sigmoid
+   * intermediates on demand (intermediateReader) and runs the work of #onThisThread. Each use is synchronous
+   * and lays its regions out afresh, so the two never meet.
+   */
+  #local: Kernels | null = null;
   #logitsKeyed = 0;
 
   private constructor(k: Kernels, chunkBytes: number, pool: ThreadPool | null, maxBytes: number, lanes: boolean) {
@@ -720,7 +724,7 @@ export class WasmBackend implements Backend {
     const byLogits = hostInter && !dense && plan.score === "sigmoid" &&
       k.forwardByLogits(E, K, plan.groupTopk, SCORE.sigmoid, bias) !== 0;
     if (byLogits) this.#logitsKeyed++;
-    if (fromLogits) this.#reader ??= await instantiateKernels();
+    if (fromLogits) this.#local ??= await instantiateKernels();
     // outputs only once the work is known to fit, and (on threads) once the
     // workers have pieces to work on, since a new [T, E] array costs the
     // calling thread a while; caller buffers are used as they are (probs
@@ -843,7 +847,7 @@ export class WasmBackend implements Backend {
     const lazy = post
       ? postSoftmaxReader(payload.route, route, T, E, K, yasc)
       : fromLogits
-      ? intermediateReader(this.#reader as Kernels, plan.score as "sigmoid", payload.logits as Uint8Array, dtype, T * E)
+      ? intermediateReader(this.#local as Kernels, plan.score as "sigmoid", payload.logits as Uint8Array, dtype, T * E)
       : copier(intermediate);
     return { probs, intermediate: own ? lazy : intermediate, route: routeOut, payload };
   }
@@ -872,9 +876,9 @@ export class WasmBackend implements Backend {
   // with #k pointing at that instance until it returns.
   async #onThisThread<R>(work: () => R): Promise<R> {
     if (this.#pool === null) return work();
-    const own = this.#reader ??= await instantiateKernels();
+    const local = this.#local ??= await instantiateKernels();
     const shared = this.#k;
-    this.#k = own;
+    this.#k = local;
     try {
       return work();
     } finally {
